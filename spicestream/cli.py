@@ -1,0 +1,119 @@
+"""`spicestream` command line. Bad options exit with status 2 and a message naming them."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import signal
+import sys
+import threading
+
+SOURCES = ("demo",)
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, got {text!r}") from None
+    if not (32 <= w <= 8192 and 32 <= h <= 8192):
+        raise argparse.ArgumentTypeError(f"size {w}x{h} out of range 32..8192")
+    return w, h
+
+
+def _fps(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value <= 240:
+        raise argparse.ArgumentTypeError(f"{value} is not in 0..240")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not in 0..65535")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spicestream", description="SPICE remote-display server")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve a display to SPICE clients")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=_port, default=5900, help="SPICE port (default 5900)")
+    auth = serve.add_mutually_exclusive_group()
+    auth.add_argument("--password-file", metavar="F", help="file whose first line is the password")
+    auth.add_argument("--disable-ticketing", action="store_true", help="accept clients without a password")
+    serve.add_argument("--source", choices=SOURCES, default="demo", help="what to display (default demo)")
+    serve.add_argument("--size", type=_size, default=(1280, 720), metavar="WxH", help="display size (default 1280x720)")
+    serve.add_argument("--fps", type=_fps, default=30.0, help="frames per second of the source (default 30)")
+    return parser
+
+
+def _read_password(parser, path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            password = f.readline().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        parser.error(f"argument --password-file: cannot read {path}: {exc}")
+    if not password or len(password.encode()) > 60:
+        parser.error("argument --password-file: the password must be 1 to 60 bytes")
+    return password
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(parser, args) -> int:
+    from . import Server
+    from .sources.demo import run_demo
+
+    password = _read_password(parser, args.password_file) if args.password_file else None
+    if password is None and not args.disable_ticketing and not _is_loopback(args.host):
+        parser.error(f"argument --host: refusing to serve {args.host} without a password; "
+                     "give --password-file F or --disable-ticketing")
+    width, height = args.size
+    server = Server(host=args.host, port=args.port, password=password, width=width, height=height)
+    try:
+        server.start()
+    except OSError as exc:
+        print(f"spicestream: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 1
+    print(f"spicestream: serving the {args.source} display on spice://{args.host}:{server.port}",
+          flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        run_demo(server.display, args.fps, args.size, stop)
+    finally:
+        server.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.command == "serve":
+        return serve(parser, args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

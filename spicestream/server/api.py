@@ -1,0 +1,133 @@
+"""`spicestream.Server`: the application's handle on a SPICE server.
+
+    server = spicestream.Server(host="127.0.0.1", port=5900, password=None)
+    server.display.update(frame)          # from any thread
+    server.on_key = lambda scancode, pressed: ...
+    server.start(); ...; server.stop()    # or: await server.serve()
+
+Callbacks run on the server's event-loop thread; keep them short.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+
+from ..display.surface import Display
+from .connection import ChannelConnection
+from .core import ServerCore
+
+log = logging.getLogger("spicestream.server")
+
+
+class Server:
+    def __init__(self, host: str = "127.0.0.1", port: int = 5900, password: str | None = None,
+                 *, name: str = "spicestream", width: int = 1024, height: int = 768):
+        if password is not None and len(password.encode()) > 60:
+            raise ValueError("password longer than 60 bytes: SPICE clients refuse it")
+        self.host = host
+        self.port = port
+        self.display = Display(width, height)
+        self._core = ServerCore(self.display, None if password is None else password.encode(), name)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping: asyncio.Event | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._start_error: BaseException | None = None
+        self._wake_pending = False
+
+    # Application callbacks live on the core, which is what the channels call.
+    @property
+    def on_key(self):
+        return self._core.on_key
+
+    @on_key.setter
+    def on_key(self, callback) -> None:
+        self._core.on_key = callback
+
+    @property
+    def on_pointer(self):
+        return self._core.on_pointer
+
+    @on_pointer.setter
+    def on_pointer(self, callback) -> None:
+        self._core.on_pointer = callback
+
+    @property
+    def sessions(self) -> int:
+        return len(self._core.sessions)
+
+    # -- running --------------------------------------------------------------------------------
+    async def serve(self) -> None:
+        """Listen and serve until `stop()` is called (from any thread)."""
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._stopping = asyncio.Event()
+        self.display.wake = self._wake
+        listener = await loop.create_server(lambda: ChannelConnection(self._core), self.host, self.port)
+        self.port = listener.sockets[0].getsockname()[1]
+        log.info("listening on %s:%d", self.host, self.port)
+        self._ready.set()
+        try:
+            await self._stopping.wait()
+        finally:
+            listener.close()
+            for conn in list(self._core.connections):
+                conn.abort("server stopping")
+            await listener.wait_closed()
+            self.display.wake = lambda: None
+            self._loop = None
+
+    def _wake(self) -> None:
+        # Called by Display from any thread; coalesce so a fast producer schedules one pump.
+        loop = self._loop
+        if loop is None or self._wake_pending:
+            return
+        self._wake_pending = True
+        try:
+            loop.call_soon_threadsafe(self._pump)
+        except RuntimeError:  # loop closed while stopping
+            self._wake_pending = False
+
+    def _pump(self) -> None:
+        self._wake_pending = False
+        self._core.pump_displays()
+
+    def start(self) -> "Server":
+        """Serve from a background thread; returns once the port is listening."""
+        if self._thread is not None:
+            raise RuntimeError("server already started")
+        self._ready.clear()
+        self._thread = threading.Thread(target=self._run_thread, name="spicestream", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._start_error is not None:
+            self._thread.join()
+            self._thread = None
+            raise self._start_error
+        return self
+
+    def _run_thread(self) -> None:
+        try:
+            asyncio.run(self.serve())
+        except BaseException as exc:  # reported to start()'s caller
+            self._start_error = exc
+            self._ready.set()
+
+    def stop(self) -> None:
+        loop, stopping = self._loop, self._stopping
+        if loop is not None and stopping is not None:
+            try:
+                loop.call_soon_threadsafe(stopping.set)
+            except RuntimeError:
+                pass
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    def __enter__(self) -> "Server":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,185 @@
+"""Channel handlers: what each linked channel does with the client's messages (brief §4-§8).
+
+A handler is made after a successful link. `start()` sends the channel's opening messages,
+`handle(message)` reacts to one decoded client message, `writable()` is called whenever the
+connection can take more data, and `closed()` once when the connection ends.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from ..display.images import encode_image, pixels_of
+from ..protocol.constants import (
+    BUTTON_MASKS,
+    ROP_OP_PUT,
+    SURFACE_PRIMARY,
+    DisplayCap,
+    MainCap,
+    MouseMode,
+    SurfaceFormat,
+    has_cap,
+)
+from ..protocol.messages import CLIENT, HEAD, SERVER, ChannelEntry, Point, Point16, Rect
+from ..protocol.scancodes import parse_key_code, parse_scancodes
+from .cursor import default_cursor
+
+if TYPE_CHECKING:
+    from .core import ServerCore, Session
+
+log = logging.getLogger("spicestream.channels")
+
+SUPPORTED_MOUSE_MODES = MouseMode.SERVER | MouseMode.CLIENT
+MOTION_ACK_BUNCH = 4  # SPICE_INPUT_MOTION_ACK_BUNCH: one ack per 4 motion messages
+
+
+class ChannelHandler:
+    def __init__(self, core: "ServerCore", session: "Session", conn, request):
+        self.core, self.session, self.conn = core, session, conn
+        self.caps = request.channel_caps
+
+    def start(self) -> None:
+        pass
+
+    def handle(self, message) -> None:
+        pass  # anything a channel does not use is accepted and ignored (brief §3.3)
+
+    def writable(self) -> None:
+        pass
+
+    def closed(self) -> None:
+        self.core.channel_closed(self)
+
+
+class MainChannel(ChannelHandler):
+    def start(self) -> None:
+        core = self.core
+        self.conn.send(SERVER.MAIN_INIT(
+            session_id=self.session.session_id, display_channels_hint=1,
+            supported_mouse_modes=SUPPORTED_MOUSE_MODES, current_mouse_mode=self.session.mouse_mode,
+            agent_connected=0, agent_tokens=10, multi_media_time=core.client_mm_time(), ram_hint=0))
+        if has_cap(self.caps, MainCap.NAME_AND_UUID):
+            self.conn.send(SERVER.MAIN_NAME(core.name.encode() + b"\x00"))
+            self.conn.send(SERVER.MAIN_UUID(core.uuid))
+
+    def handle(self, message) -> None:
+        kind = type(message)
+        if kind is CLIENT.MAIN_ATTACH_CHANNELS:
+            offered = tuple(ChannelEntry(t, i) for t, i in self.core.offered)
+            self.conn.send(SERVER.MAIN_CHANNELS_LIST(offered))
+            self.conn.send(SERVER.MAIN_MULTI_MEDIA_TIME(self.core.client_mm_time()))
+        elif kind is CLIENT.MAIN_MOUSE_MODE_REQUEST:
+            if message.mode in (MouseMode.SERVER, MouseMode.CLIENT):
+                self.session.mouse_mode = MouseMode(message.mode)
+            self.conn.send(SERVER.MAIN_MOUSE_MODE(SUPPORTED_MOUSE_MODES, self.session.mouse_mode))
+
+
+class DisplayChannel(ChannelHandler):
+    def start(self) -> None:
+        self.view = self.core.display.attach()
+        self.lz4 = has_cap(self.caps, DisplayCap.LZ4_COMPRESSION)
+        self.monitors_config = has_cap(self.caps, DisplayCap.MONITORS_CONFIG)
+        self.has_surface = False
+        self.marked = False
+        self.bytes_sent = 0
+        self.conn.proto.set_ack()
+        self.core.display_channels.add(self)
+        self.writable()
+
+    def handle(self, message) -> None:
+        if type(message) is CLIENT.DISPLAY_INIT:
+            log.debug("%s: display init %s", self.conn.peer, message)
+
+    def writable(self) -> None:
+        """Send pending damage while the socket and the ACK window allow it.
+
+        Damage is taken from the view all at once, so what is in flight beyond the socket's
+        high-water mark is at most one frame's worth of rectangles.
+        """
+        conn = self.conn
+        while conn.can_send and self.view.pending:
+            frame, (width, height), resized, rects = self.view.take()
+            if resized:
+                self._new_surface(width, height)
+            for x, y, w, h in rects:
+                self._draw_copy(frame, x, y, w, h)
+            if not self.marked:
+                conn.send(SERVER.DISPLAY_MARK())
+                self.marked = True
+            conn.flush()
+
+    def _new_surface(self, width: int, height: int) -> None:
+        send = self.conn.send
+        if self.has_surface:
+            send(SERVER.DISPLAY_SURFACE_DESTROY(0))
+        send(SERVER.DISPLAY_SURFACE_CREATE(0, width, height, SurfaceFormat.XRGB32, SURFACE_PRIMARY))
+        self.has_surface = True
+        if self.monitors_config:
+            head = HEAD(monitor_id=0, surface_id=0, width=width, height=height, x=0, y=0, flags=0)
+            send(SERVER.DISPLAY_MONITORS_CONFIG(1, 1, HEAD.pack(head)))
+
+    def _draw_copy(self, frame, x: int, y: int, w: int, h: int) -> None:
+        image = encode_image(pixels_of(frame, x, y, w, h), self.lz4)
+        box = Rect(top=y, left=x, bottom=y + h, right=x + w)
+        self.bytes_sent += self.conn.proto.send(SERVER.DISPLAY_DRAW_COPY(
+            surface_id=0, box=box, clip=None, src_bitmap=0, src_area=Rect(0, 0, h, w),
+            rop=ROP_OP_PUT, scale_mode=0, mask_flags=0, mask_pos=Point(0, 0), mask_bitmap=0,
+            image=image))
+
+    def closed(self) -> None:
+        self.core.display_channels.discard(self)
+        self.core.display.detach(self.view)
+        super().closed()
+
+
+class InputsChannel(ChannelHandler):
+    def start(self) -> None:
+        self.motions = 0
+        self.modifiers = 0
+        self.conn.send(SERVER.INPUTS_INIT(0))
+
+    def handle(self, message) -> None:
+        kind = type(message)
+        if kind in (CLIENT.INPUTS_KEY_DOWN, CLIENT.INPUTS_KEY_UP):
+            for code, pressed in parse_key_code(message.code):
+                self.core.emit_key(code, pressed)
+        elif kind is CLIENT.INPUTS_KEY_SCANCODE:
+            for code, pressed in parse_scancodes(message.codes):
+                self.core.emit_key(code, pressed)
+        elif kind is CLIENT.INPUTS_KEY_MODIFIERS:
+            self.modifiers = message.modifiers
+        elif kind is CLIENT.INPUTS_MOUSE_POSITION:
+            self._pointer(message.x, message.y, message.buttons_state)
+            self._count_motion()
+        elif kind is CLIENT.INPUTS_MOUSE_MOTION:
+            x, y, _ = self.session.pointer
+            display = self.core.display
+            x = min(max(x + message.dx, 0), display.width - 1)
+            y = min(max(y + message.dy, 0), display.height - 1)
+            self._pointer(x, y, message.buttons_state)
+            self._count_motion()
+        elif kind in (CLIENT.INPUTS_MOUSE_PRESS, CLIENT.INPUTS_MOUSE_RELEASE):
+            mask = BUTTON_MASKS.get(message.button, 0)
+            buttons = message.buttons_state | mask
+            if kind is CLIENT.INPUTS_MOUSE_RELEASE:
+                buttons &= ~mask
+            x, y, _ = self.session.pointer
+            self._pointer(x, y, buttons)
+
+    def _pointer(self, x: int, y: int, buttons: int) -> None:
+        self.session.pointer = (x, y, buttons)
+        self.core.emit_pointer(x, y, buttons)
+
+    def _count_motion(self) -> None:
+        # Clients stop sending motion after 8 unacknowledged messages (brief §7.1).
+        self.motions += 1
+        if self.motions % MOTION_ACK_BUNCH == 0:
+            self.conn.send(SERVER.INPUTS_MOUSE_MOTION_ACK())
+
+
+class CursorChannel(ChannelHandler):
+    def start(self) -> None:
+        self.conn.send(SERVER.CURSOR_INIT(position=Point16(0, 0), trail_length=0,
+                                          trail_frequency=0, visible=1, cursor=default_cursor()))
+

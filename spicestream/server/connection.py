@@ -1,0 +1,155 @@
+"""One TCP connection = one SPICE channel: the asyncio pump around the sans-IO protocol.
+
+The connection runs the link stage, asks the server whether the channel may link and whether
+the ticket is right, then hands decoded messages to a channel handler (main, display, inputs,
+cursor). Any protocol error closes this connection alone, with one log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from ..protocol.channel import ChannelProtocol
+from ..protocol.constants import ChannelType, LinkError
+from ..protocol.link import LinkFailed, LinkRequested, ServerLink, TicketReceived
+from ..protocol.wire import ProtocolError
+
+if TYPE_CHECKING:
+    from .server import ServerCore
+
+log = logging.getLogger("spicestream.connection")
+
+WRITE_HIGH_WATER = 4 << 20  # bytes buffered in the transport before we stop producing
+WRITE_LOW_WATER = 1 << 20
+LINK_TIMEOUT_S = 30.0  # a peer that never finishes the link stage is dropped
+
+
+class ChannelConnection(asyncio.Protocol):
+    def __init__(self, core: "ServerCore"):
+        self.core = core
+        self.link = ServerLink()
+        self.proto: ChannelProtocol | None = None
+        self.handler = None
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.paused = False
+        self.closed = False
+        self._link_timer: asyncio.TimerHandle | None = None
+
+    # -- asyncio callbacks --------------------------------------------------------------
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "unix")
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        self._link_timer = asyncio.get_running_loop().call_later(
+            LINK_TIMEOUT_S, self.abort, "link stage timed out")
+        self.core.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            if self.proto is None:
+                self._receive_link(data)
+            else:
+                self._receive_messages(data)
+        except ProtocolError as exc:
+            self.abort(f"protocol error: {exc}")
+        except Exception:  # a handler bug must not take the server down; log it loudly
+            log.exception("%s: error handling channel data", self.peer)
+            self.abort("internal error")
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        if self._link_timer:
+            self._link_timer.cancel()
+        self.core.connections.discard(self)
+        if self.handler is not None:
+            self.handler.closed()
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if self.handler is not None:
+            self.handler.writable()
+
+    # -- link stage -----------------------------------------------------------------------
+    def _receive_link(self, data: bytes) -> None:
+        for event in self.link.receive_data(data):
+            if isinstance(event, LinkRequested):
+                error = self.core.check_link(event, self)
+                if error == LinkError.OK:
+                    self.link.accept(self.core.channel_caps(event.channel_type))
+                else:
+                    self.link.reject(error)
+                    self._write_link()
+                    self.abort(f"link refused: {error.name}")
+                    return
+            elif isinstance(event, TicketReceived):
+                error, session = self.core.authenticate(event.password, self.link.request, self)
+                self.link.finish(error)
+                self._write_link()
+                if error != LinkError.OK:
+                    self.abort(f"link refused: {error.name}")
+                    return
+                self._start_channel(session)
+            elif isinstance(event, LinkFailed):
+                self._write_link()
+                self.abort(f"bad link: {event.reason}")
+                return
+        self._write_link()
+
+    def _write_link(self) -> None:
+        out = self.link.data_to_send()
+        if out and not self.closed:
+            self.transport.write(out)
+
+    def _start_channel(self, session) -> None:
+        if self._link_timer:
+            self._link_timer.cancel()
+        request = self.link.request
+        self.proto = ChannelProtocol(request.channel_type, self.link.mini_header)
+        self.handler = self.core.make_handler(request, session, self)
+        log.info("%s: linked %s channel %d of session %08x", self.peer,
+                 ChannelType(request.channel_type).name.lower(), request.channel_id,
+                 session.session_id)
+        self.handler.start()
+        self.flush()
+        if self.link.leftover:
+            self._receive_messages(self.link.leftover)
+
+    # -- linked ----------------------------------------------------------------------------
+    def _receive_messages(self, data: bytes) -> None:
+        for message in self.proto.receive_data(data):
+            self.handler.handle(message)
+        self.flush()
+        self.handler.writable()  # an ACK may have reopened the window
+
+    def send(self, message) -> None:
+        self.proto.send(message)
+
+    def flush(self) -> None:
+        if self.proto is None or self.closed:
+            return
+        parts = self.proto.data_to_send()
+        if parts:
+            self.transport.writelines(parts)
+
+    @property
+    def can_send(self) -> bool:
+        """True when neither the socket buffer nor the client's ACK window is full."""
+        return not self.closed and not self.paused and self.proto.can_send
+
+    def abort(self, reason: str) -> None:
+        """Close this connection (after writing what is queued), with one log line."""
+        if self.closed:
+            return
+        log.warning("%s: closing connection: %s", self.peer, reason)
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()

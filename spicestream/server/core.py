@@ -1,0 +1,142 @@
+"""Loop-side server state: sessions, link decisions, channel handlers, application callbacks.
+
+Everything here runs on the server's event loop thread. One session is one main channel plus
+the secondary channels that linked with its session id (brief §1.5); closing the main
+channel ends the session and closes its other channels.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import secrets
+import time
+import uuid as uuidlib
+from typing import Callable
+
+from ..display.surface import Display
+from ..protocol.constants import ChannelType, DisplayCap, InputsCap, LinkError, MainCap, MouseMode
+from ..protocol.link import LinkRequested
+from .channels import CursorChannel, DisplayChannel, InputsChannel, MainChannel
+
+log = logging.getLogger("spicestream.server")
+
+CHANNEL_CAPS = {
+    ChannelType.MAIN: (MainCap.SEMI_SEAMLESS_MIGRATE, MainCap.NAME_AND_UUID,
+                       MainCap.AGENT_CONNECTED_TOKENS, MainCap.SEAMLESS_MIGRATE),
+    ChannelType.DISPLAY: (DisplayCap.MONITORS_CONFIG,),
+    ChannelType.INPUTS: (InputsCap.KEY_SCANCODE,),
+    ChannelType.CURSOR: (),
+}
+HANDLERS = {
+    ChannelType.MAIN: MainChannel,
+    ChannelType.DISPLAY: DisplayChannel,
+    ChannelType.INPUTS: InputsChannel,
+    ChannelType.CURSOR: CursorChannel,
+}
+# Offered to clients in CHANNELS_LIST, in this order (main is implicit).
+OFFERED = [(ChannelType.DISPLAY, 0), (ChannelType.INPUTS, 0), (ChannelType.CURSOR, 0)]
+INIT_LATENCY_MS = 100  # how far the client's media clock runs behind ours (brief §4.4)
+
+
+class Session:
+    def __init__(self, session_id: int):
+        self.session_id = session_id
+        self.main: MainChannel | None = None
+        self.channels: set = set()
+        self.mouse_mode = MouseMode.CLIENT
+        self.pointer = (0, 0, 0)  # x, y, buttons
+
+
+class ServerCore:
+    def __init__(self, display: Display, password: bytes | None, name: str):
+        self.display = display
+        self.password = password
+        self.name = name
+        self.uuid = uuidlib.uuid4().bytes
+        self.sessions: dict[int, Session] = {}
+        self.connections: set = set()
+        self.display_channels: set[DisplayChannel] = set()
+        self.on_key: Callable[[int, bool], None] | None = None
+        self.on_pointer: Callable[[int, int, int], None] | None = None
+        self.latency_ms = INIT_LATENCY_MS
+        self.offered = OFFERED
+        self._epoch = time.monotonic()
+
+    # -- clock ------------------------------------------------------------------------------
+    def mm_time(self) -> int:
+        """The server's media clock: monotonic milliseconds, u32 wrapping (brief §4.4)."""
+        return int((time.monotonic() - self._epoch) * 1000 + 1) & 0xFFFFFFFF
+
+    def client_mm_time(self) -> int:
+        return (self.mm_time() - self.latency_ms) & 0xFFFFFFFF or 1
+
+    # -- link decisions ---------------------------------------------------------------------
+    def channel_caps(self, channel_type: int):
+        return CHANNEL_CAPS[ChannelType(channel_type)]
+
+    def check_link(self, request: LinkRequested, conn) -> LinkError:
+        if (request.channel_type, request.channel_id) not in HANDLERS_WITH_IDS:
+            return LinkError.CHANNEL_NOT_AVAILABLE
+        return LinkError.OK
+
+    def authenticate(self, password: bytes | None, request: LinkRequested, conn):
+        if password is None:
+            log.warning("%s: ticket did not decrypt", conn.peer)
+            return LinkError.PERMISSION_DENIED, None
+        # Compare in constant time; with ticketing disabled any ticket is accepted.
+        if self.password is not None and not hmac.compare_digest(password, self.password):
+            log.warning("%s: wrong password", conn.peer)
+            return LinkError.PERMISSION_DENIED, None
+        if request.channel_type == ChannelType.MAIN:
+            session_id = secrets.randbits(32) or 1
+            while session_id in self.sessions:
+                session_id = secrets.randbits(32) or 1
+            session = Session(session_id)
+            self.sessions[session_id] = session
+            return LinkError.OK, session
+        session = self.sessions.get(request.connection_id)
+        if session is None:
+            log.warning("%s: unknown session id %08x", conn.peer, request.connection_id)
+            return LinkError.BAD_CONNECTION_ID, None
+        return LinkError.OK, session
+
+    def make_handler(self, request: LinkRequested, session: Session, conn):
+        handler = HANDLERS[ChannelType(request.channel_type)](self, session, conn, request)
+        if isinstance(handler, MainChannel):
+            session.main = handler
+        else:
+            session.channels.add(handler)
+        return handler
+
+    def channel_closed(self, handler) -> None:
+        session = handler.session
+        if handler is session.main:
+            self.sessions.pop(session.session_id, None)
+            for other in list(session.channels):
+                other.conn.abort("main channel closed")
+        session.channels.discard(handler)
+
+    # -- display wake-up (called from any thread via the loop) ------------------------------
+    def pump_displays(self) -> None:
+        for channel in list(self.display_channels):
+            channel.writable()
+
+    # -- application callbacks ----------------------------------------------------------------
+    def emit_key(self, scancode: int, pressed: bool) -> None:
+        self._call(self.on_key, scancode, pressed)
+
+    def emit_pointer(self, x: int, y: int, buttons: int) -> None:
+        self._call(self.on_pointer, x, y, buttons)
+
+    @staticmethod
+    def _call(callback, *args) -> None:
+        if callback is None:
+            return
+        try:
+            callback(*args)
+        except Exception:  # the application's bug; the client connection is not at fault
+            log.exception("application callback %r failed", callback)
+
+
+HANDLERS_WITH_IDS = {(int(t), 0) for t in HANDLERS}

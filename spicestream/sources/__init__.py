@@ -1,0 +1,1 @@
+"""Frame sources that feed a display (demo scene, ...)."""
