@@ -74,7 +74,7 @@ class Server:
         finally:
             listener.close()
             for conn in list(self._core.connections):
-                conn.abort("server stopping")
+                conn.abort("server stopping", logging.INFO)
             await listener.wait_closed()
             self.display.wake = lambda: None
             self._loop = None

@@ -145,11 +145,11 @@ class ChannelConnection(asyncio.Protocol):
         """True when neither the socket buffer nor the client's ACK window is full."""
         return not self.closed and not self.paused and self.proto.can_send
 
-    def abort(self, reason: str) -> None:
+    def abort(self, reason: str, level: int = logging.WARNING) -> None:
         """Close this connection (after writing what is queued), with one log line."""
         if self.closed:
             return
-        log.warning("%s: closing connection: %s", self.peer, reason)
+        log.log(level, "%s: closing connection: %s", self.peer, reason)
         self.closed = True
         if self.transport is not None:
             self.transport.close()

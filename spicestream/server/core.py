@@ -114,7 +114,7 @@ class ServerCore:
         if handler is session.main:
             self.sessions.pop(session.session_id, None)
             for other in list(session.channels):
-                other.conn.abort("main channel closed")
+                other.conn.abort("main channel closed", logging.INFO)
         session.channels.discard(handler)
 
     # -- display wake-up (called from any thread via the loop) ------------------------------

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs the Debian packages spicestream and its tests use, if any is missing.
+# Real clients (remote-viewer, spicy) and the X tools for the end-to-end tests are Debian
+# packages; everything Python goes into .venv (see the Makefile).
+set -euo pipefail
+PACKAGES=(
+  python3 python3-venv python3-pip
+  xvfb xdotool imagemagick x11-utils
+  virt-viewer spice-client-gtk
+)
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+SUDO=""
+[ "$(id -u)" -ne 0 ] && SUDO="sudo"
+echo "installing Debian packages: ${missing[*]}"
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

@@ -1,0 +1,200 @@
+"""A headless SPICE client for tests: links like spice-gtk, keeps the primary surface as numpy.
+
+    with TestClient("127.0.0.1", port, password="s3cret") as client:
+        client.wait_for(lambda c: c.marked)
+        assert (client.frame == expected).all()
+        client.key(0x1E)
+
+It runs its own event loop in a thread, so tests stay synchronous. It speaks through the same
+message declarations as the server (`protocol.messages`), from the client's side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import threading
+import time
+
+import numpy as np
+
+from ..protocol.channel import ChannelProtocol
+from ..protocol.constants import CommonCap, DisplayCap, LinkError
+from ..protocol.constants import ChannelType as Ch
+from ..protocol.link import LINK_HEADER, ClientLink
+from ..protocol.messages import CLIENT, SERVER
+from .images import decode_image
+
+DEFAULT_DISPLAY_CAPS = (DisplayCap.SIZED_STREAM, DisplayCap.MONITORS_CONFIG,
+                        DisplayCap.STREAM_REPORT, DisplayCap.LZ4_COMPRESSION,
+                        DisplayCap.MULTI_CODEC, DisplayCap.CODEC_MJPEG)
+
+
+class LinkRefused(Exception):
+    def __init__(self, error: LinkError, stage: str):
+        super().__init__(f"link refused at {stage}: {error.name}")
+        self.error = error
+
+
+class ClientChannel:
+    """One linked channel: a reader loop feeding a client-side ChannelProtocol."""
+
+    def __init__(self, client: "TestClient", channel_type: int, reader, writer, mini: bool):
+        self.client, self.channel_type = client, channel_type
+        self.reader, self.writer = reader, writer
+        self.proto = ChannelProtocol(channel_type, mini, side="client")
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        try:
+            while data := await self.reader.read(1 << 20):
+                for message in self.proto.receive_data(data):
+                    self.client._on_message(self.channel_type, message)
+                self.flush()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            self.client.closed_channels.add(self.channel_type)
+
+    def send(self, message) -> None:
+        self.proto.send(message)
+        self.flush()
+
+    def flush(self) -> None:
+        parts = self.proto.data_to_send()
+        if parts:
+            self.writer.writelines(parts)
+
+
+class TestClient:
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, host: str, port: int, password: str | None = None,
+                 display_caps=DEFAULT_DISPLAY_CAPS, channels=(Ch.DISPLAY, Ch.INPUTS, Ch.CURSOR),
+                 mini_header: bool = True):
+        self.host, self.port, self.password = host, port, password
+        self.display_caps, self.wanted = display_caps, channels
+        self.common_caps = (CommonCap.PROTOCOL_AUTH_SELECTION,) + (
+            (CommonCap.MINI_HEADER,) if mini_header else ())
+        self.frame: np.ndarray | None = None
+        self.marked = False
+        self.session_id = 0
+        self.channels: dict[int, ClientChannel] = {}
+        self.closed_channels: set[int] = set()
+        self.messages: list = []  # every non-base message received, in order
+        self.draws = 0
+        self.bytes_drawn = 0
+        self.cursor = None
+        self.motion_acks = 0
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+
+    # -- synchronous API for tests ---------------------------------------------------------------
+    def connect(self, timeout: float = 10.0) -> "TestClient":
+        try:
+            asyncio.run_coroutine_threadsafe(self._connect(), self._loop).result(timeout)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def wait_for(self, predicate, timeout: float = 10.0, what: str = "condition") -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate(self):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timed out waiting for {what}")
+            time.sleep(0.01)
+
+    def send(self, channel_type: int, message) -> None:
+        channel = self.channels[channel_type]
+        self._loop.call_soon_threadsafe(channel.send, message)
+
+    def key(self, scancode: int) -> None:
+        """Press and release a key the way spice-gtk does for a quick tap (KEY_SCANCODE)."""
+        prefix = b"\xe0" if scancode & 0x100 else b""
+        code = scancode & 0x7F
+        self.send(Ch.INPUTS, CLIENT.INPUTS_KEY_SCANCODE(prefix + bytes([code]) + prefix + bytes([code | 0x80])))
+
+    def close(self) -> None:
+        async def _close():
+            for channel in self.channels.values():
+                channel.writer.close()
+                channel.task.cancel()
+
+        if self._loop.is_running():
+            asyncio.run_coroutine_threadsafe(_close(), self._loop).result(5)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)
+
+    def __enter__(self) -> "TestClient":
+        return self.connect()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- linking ---------------------------------------------------------------------------------
+    async def _link(self, channel_type: int, connection_id: int, caps=()) -> ClientChannel:
+        reader, writer = await asyncio.open_connection(self.host, self.port)
+        link = ClientLink(connection_id, channel_type, 0, caps, self.common_caps)
+        writer.write(link.hello)
+        header = await reader.readexactly(LINK_HEADER.size)
+        size = struct.unpack_from("<I", header, 12)[0]
+        error, pub, common, _ = ClientLink.parse_reply(header, await reader.readexactly(size))
+        if error != LinkError.OK:
+            writer.close()
+            raise LinkRefused(error, "reply")
+        writer.write(ClientLink.ticket(pub, self.password))
+        (result,) = struct.unpack("<I", await reader.readexactly(4))
+        if result != LinkError.OK:
+            writer.close()
+            raise LinkRefused(LinkError(result), "result")
+        mini = link.client_mini and bool(common and common[0] & (1 << CommonCap.MINI_HEADER))
+        channel = ClientChannel(self, channel_type, reader, writer, mini)
+        self.channels[channel_type] = channel
+        return channel
+
+    async def _connect(self) -> None:
+        self._channels_list = asyncio.get_running_loop().create_future()
+        main = await self._link(Ch.MAIN, 0)
+        await asyncio.wait_for(self._channels_list, 10)
+        for t in self.wanted:
+            caps = self.display_caps if t == Ch.DISPLAY else ()
+            channel = await self._link(t, self.session_id, caps)
+            if t == Ch.DISPLAY:
+                channel.send(CLIENT.DISPLAY_INIT(1, 20 << 20, 1, 3 << 20))
+        del main
+
+    # -- messages ----------------------------------------------------------------------------------
+    def _on_message(self, channel_type: int, message) -> None:
+        self.messages.append(message)
+        kind = type(message)
+        if kind is SERVER.MAIN_INIT:
+            self.session_id = message.session_id
+            self.mm_time = message.multi_media_time
+            self.channels[Ch.MAIN].send(CLIENT.MAIN_ATTACH_CHANNELS())
+        elif kind is SERVER.MAIN_CHANNELS_LIST:
+            if not self._channels_list.done():
+                self._channels_list.set_result(message.channels)
+        elif kind is SERVER.DISPLAY_SURFACE_CREATE:
+            self.frame = np.zeros((message.height, message.width, 4), np.uint8)
+        elif kind is SERVER.DISPLAY_SURFACE_DESTROY:
+            self.frame = None
+        elif kind is SERVER.DISPLAY_MARK:
+            self.marked = True
+        elif kind is SERVER.DISPLAY_DRAW_COPY:
+            self._draw_copy(message)
+        elif kind is SERVER.CURSOR_INIT:
+            self.cursor = message
+        elif kind is SERVER.INPUTS_MOUSE_MOTION_ACK:
+            self.motion_acks += 1
+
+    def _draw_copy(self, m) -> None:
+        if self.frame is None:
+            raise AssertionError("DRAW_COPY before SURFACE_CREATE")
+        pixels = decode_image(m.image)
+        src = pixels[m.src_area.top : m.src_area.bottom, m.src_area.left : m.src_area.right]
+        box = m.box
+        self.frame[box.top : box.bottom, box.left : box.right] = src
+        self.draws += 1
+        self.bytes_drawn += len(m.image)
