@@ -36,9 +36,8 @@ class ClientView:
             d = self.display
             size = (d.width, d.height)
             resized = self.surface_size != size
-            if resized:
+            if resized:  # a new surface: everything on it is to be drawn
                 self.surface_size = size
-                self.damage = TileGrid(*size)
                 self.damage.add_all()
             return d.frame, size, resized, self.damage.take_rects()
 
@@ -69,6 +68,9 @@ class Display:
             if (width, height) == (self.width, self.height):
                 return
             self._set_size(width, height)
+            for view in self.views:  # the old damage is meaningless on the new surface
+                view.damage = TileGrid(width, height)
+                view.damage.add_all()
         self.wake()
 
     def update(self, frame, damage: list[Rect] | None = None) -> None:
@@ -90,12 +92,14 @@ class Display:
         self.wake()
 
     def _as_frame(self, frame) -> np.ndarray:
-        array = np.asarray(frame)
         shape = (self.height, self.width, 4)
-        if array.dtype != np.uint8:
-            array = array.view(np.uint8) if array.flags.c_contiguous else array
-        if array.shape != shape and array.size == self.width * self.height * 4 and array.flags.c_contiguous:
-            array = array.reshape(shape)
+        if isinstance(frame, np.ndarray):
+            array = frame
+        else:  # any object with the buffer protocol: a view on its memory, no copy
+            array = np.frombuffer(frame, np.uint8)
+        if array.shape != shape and array.size * array.itemsize == self.width * self.height * 4:
+            if array.flags.c_contiguous:
+                array = array.reshape(-1).view(np.uint8).reshape(shape)
         if array.dtype != np.uint8 or array.shape != shape:
             raise ValueError(
                 f"frame must be {self.height}x{self.width}x4 uint8 (BGRx); got {array.shape} {array.dtype}"
