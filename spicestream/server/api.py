@@ -73,8 +73,7 @@ class Server:
             await self._stopping.wait()
         finally:
             listener.close()
-            for conn in list(self._core.connections):
-                conn.abort("server stopping", logging.INFO)
+            self._core.disconnect_all("server stopping")
             await listener.wait_closed()
             self.display.wake = lambda: None
             self._loop = None

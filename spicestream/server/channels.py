@@ -7,6 +7,7 @@ connection can take more data, and `closed()` once when the connection ends.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING
 
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("spicestream.channels")
 
 SUPPORTED_MOUSE_MODES = MouseMode.SERVER | MouseMode.CLIENT
+PING_INTERVAL_S = 5.0
 MOTION_ACK_BUNCH = 4  # SPICE_INPUT_MOTION_ACK_BUNCH: one ack per 4 motion messages
 
 
@@ -55,6 +57,8 @@ class ChannelHandler:
 class MainChannel(ChannelHandler):
     def start(self) -> None:
         core = self.core
+        self._pings = 0
+        self._ping_timer = asyncio.get_running_loop().call_later(PING_INTERVAL_S, self._ping)
         self.conn.send(SERVER.MAIN_INIT(
             session_id=self.session.session_id, display_channels_hint=1,
             supported_mouse_modes=SUPPORTED_MOUSE_MODES, current_mouse_mode=self.session.mouse_mode,
@@ -62,6 +66,17 @@ class MainChannel(ChannelHandler):
         if has_cap(self.caps, MainCap.NAME_AND_UUID):
             self.conn.send(SERVER.MAIN_NAME(core.name.encode() + b"\x00"))
             self.conn.send(SERVER.MAIN_UUID(core.uuid))
+
+    def _ping(self) -> None:
+        # Keeps idle links alive through middleboxes and measures the round trip (PONG).
+        self._pings += 1
+        self.conn.proto.ping(self._pings)
+        self.conn.flush()
+        self._ping_timer = asyncio.get_running_loop().call_later(PING_INTERVAL_S, self._ping)
+
+    def closed(self) -> None:
+        self._ping_timer.cancel()
+        super().closed()
 
     def handle(self, message) -> None:
         kind = type(message)

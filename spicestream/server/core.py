@@ -17,6 +17,7 @@ from typing import Callable
 from ..display.surface import Display
 from ..protocol.constants import ChannelType, DisplayCap, InputsCap, LinkError, MainCap, MouseMode
 from ..protocol.link import LinkRequested
+from ..protocol.messages import SERVER
 from .channels import CursorChannel, DisplayChannel, InputsChannel, MainChannel
 
 log = logging.getLogger("spicestream.server")
@@ -116,6 +117,15 @@ class ServerCore:
             for other in list(session.channels):
                 other.conn.abort("main channel closed", logging.INFO)
         session.channels.discard(handler)
+
+    def disconnect_all(self, reason: str) -> None:
+        """Tell each session's client why (DISCONNECTING on main) and close everything."""
+        for session in self.sessions.values():
+            if session.main is not None and not session.main.conn.closed:
+                session.main.conn.send(SERVER.DISCONNECTING(time.time_ns(), LinkError.OK))
+                session.main.conn.flush()
+        for conn in list(self.connections):
+            conn.abort(reason, logging.INFO)
 
     # -- display wake-up (called from any thread via the loop) ------------------------------
     def pump_displays(self) -> None:

@@ -71,9 +71,9 @@ class TestClient:
 
     def __init__(self, host: str, port: int, password: str | None = None,
                  display_caps=DEFAULT_DISPLAY_CAPS, channels=(Ch.DISPLAY, Ch.INPUTS, Ch.CURSOR),
-                 mini_header: bool = True):
+                 mini_header: bool = True, main_caps=()):
         self.host, self.port, self.password = host, port, password
-        self.display_caps, self.wanted = display_caps, channels
+        self.display_caps, self.wanted, self.main_caps = display_caps, channels, main_caps
         self.common_caps = (CommonCap.PROTOCOL_AUTH_SELECTION,) + (
             (CommonCap.MINI_HEADER,) if mini_header else ())
         self.frame: np.ndarray | None = None
@@ -156,14 +156,13 @@ class TestClient:
 
     async def _connect(self) -> None:
         self._channels_list = asyncio.get_running_loop().create_future()
-        main = await self._link(Ch.MAIN, 0)
+        await self._link(Ch.MAIN, 0, self.main_caps)
         await asyncio.wait_for(self._channels_list, 10)
         for t in self.wanted:
             caps = self.display_caps if t == Ch.DISPLAY else ()
             channel = await self._link(t, self.session_id, caps)
             if t == Ch.DISPLAY:
                 channel.send(CLIENT.DISPLAY_INIT(1, 20 << 20, 1, 3 << 20))
-        del main
 
     # -- messages ----------------------------------------------------------------------------------
     def _on_message(self, channel_type: int, message) -> None:
