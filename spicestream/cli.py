@@ -9,6 +9,9 @@ import signal
 import sys
 import threading
 
+from .display.streams import MODES
+from .video.codec_list import DEFAULT_CODECS, CodecListError, parse_codec_list
+
 SOURCES = ("demo",)
 
 
@@ -55,7 +58,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--source", choices=SOURCES, default="demo", help="what to display (default demo)")
     serve.add_argument("--size", type=_size, default=(1280, 720), metavar="WxH", help="display size (default 1280x720)")
     serve.add_argument("--fps", type=_fps, default=30.0, help="frames per second of the source (default 30)")
+    serve.add_argument("--video-codecs", type=_codec_list, default=DEFAULT_CODECS, metavar="LIST",
+                       help=f"encoder:codec entries separated by ';' (default {DEFAULT_CODECS})")
+    serve.add_argument("--streaming-video", choices=MODES, default="filter",
+                       help="which changing regions become video streams (default filter)")
+    codecs = sub.add_parser("codecs", help="probe the video encoders and print what works here")
+    codecs.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
+
+
+def _codec_list(text: str) -> str:
+    try:
+        parse_codec_list(text)
+    except CodecListError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _read_password(parser, path: str) -> str:
@@ -87,7 +104,8 @@ def serve(parser, args) -> int:
         parser.error(f"argument --host: refusing to serve {args.host} without a password; "
                      "give --password-file F or --disable-ticketing")
     width, height = args.size
-    server = Server(host=args.host, port=args.port, password=password, width=width, height=height)
+    server = Server(host=args.host, port=args.port, password=password, width=width, height=height,
+                    video_codecs=args.video_codecs, streaming_video=args.streaming_video)
     try:
         server.start()
     except OSError as exc:
@@ -112,7 +130,26 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.command == "serve":
         return serve(parser, args)
+    if args.command == "codecs":
+        return print_codecs(args.json)
     return 2
+
+
+def print_codecs(as_json: bool) -> int:
+    import json
+
+    from .video.factory import VideoCodecs
+
+    table = VideoCodecs().table()
+    if as_json:
+        print(json.dumps(table, indent=2))
+        return 0
+    columns = ("codec", "encoder", "element", "hardware", "usable", "reason")
+    rows = [[str(r[c]).lower() if isinstance(r[c], bool) else str(r[c]) for c in columns] for r in table]
+    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(columns)]
+    for row in [list(columns)] + rows:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+    return 0
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from spicestream.testing.client import TestClient
 
 @pytest.fixture
 def server():
-    srv = spicestream.Server(port=0, width=320, height=240).start()
+    srv = spicestream.Server(port=0, width=320, height=240, streaming_video="off").start()
     yield srv
     srv.stop()
 

@@ -12,11 +12,13 @@ new array, or alternate between two) or a client may see a half-drawn picture.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Callable
 
 import numpy as np
 
 from .damage import TileGrid, diff_tiles
+from .streams import StreamDetector, StreamRegion
 
 Rect = tuple[int, int, int, int]
 
@@ -29,30 +31,45 @@ class ClientView:
         self.damage = TileGrid(display.width, display.height)
         self.damage.add_all()
         self.surface_size: tuple[int, int] | None = None  # size of the surface the client has
+        self.stream_mask: np.ndarray | None = None  # tiles this client receives as video
 
     def take(self) -> tuple[np.ndarray, tuple[int, int], bool, list[Rect]]:
-        """Return (frame, size, resized, rects) and clear the pending damage."""
+        """Return (frame, size, resized, rects) and clear the pending damage.
+
+        Damage on tiles carried by the client's video stream is dropped here: the stream's
+        next frame covers it."""
         with self.display.lock:
             d = self.display
             size = (d.width, d.height)
             resized = self.surface_size != size
             if resized:  # a new surface: everything on it is to be drawn
                 self.surface_size = size
+                self.stream_mask = None
                 self.damage.add_all()
+            elif self.stream_mask is not None:
+                self.damage.cells &= ~self.stream_mask
             return d.frame, size, resized, self.damage.take_rects()
 
     @property
     def pending(self) -> bool:
         with self.display.lock:
-            return self.surface_size != (self.display.width, self.display.height) or bool(self.damage)
+            if self.surface_size != (self.display.width, self.display.height):
+                return True
+            cells = self.damage.cells
+            if self.stream_mask is not None:
+                return bool((cells & ~self.stream_mask).any())
+            return bool(cells.any())
 
 
 class Display:
-    def __init__(self, width: int = 1024, height: int = 768):
+    def __init__(self, width: int = 1024, height: int = 768, streaming: str = "filter"):
         self.lock = threading.Lock()
         self.views: list[ClientView] = []
         self.wake: Callable[[], None] = lambda: None  # set by the server: schedules a send
-        self.frames = 0
+        self.frames = 0  # generation of `frame`: bumps on every update
+        self.frame_time = time.monotonic()  # when `frame` was published
+        self.fps = 30.0  # recent update rate (moving average)
+        self.streaming = streaming
         self._set_size(width, height)
 
     def _set_size(self, width: int, height: int) -> None:
@@ -61,6 +78,23 @@ class Display:
         self.width, self.height = width, height
         self.frame = np.zeros((height, width, 4), np.uint8)
         self._shadow: np.ndarray | None = None
+        self.detector = StreamDetector(self.streaming, width, height)
+
+    @property
+    def stream_region(self) -> StreamRegion | None:
+        return self.detector.region
+
+    def current(self) -> tuple[np.ndarray, int, float]:
+        """(frame, generation, publish time), consistently."""
+        with self.lock:
+            return self.frame, self.frames, self.frame_time
+
+    def tick(self, now: float | None = None) -> None:
+        """Periodic check (server timer): ends streams whose region went still."""
+        with self.lock:
+            changed = self.detector.tick(time.monotonic() if now is None else now)
+        if changed:
+            self.wake()
 
     def resize(self, width: int, height: int) -> None:
         """Change the surface size; clients get a new surface, black until the next update."""
@@ -85,10 +119,15 @@ class Display:
                     grid.add_rect(int(x), int(y), int(w), int(h))
                 cells = grid.cells
                 self._shadow = None  # given damage: the shadow would be stale
-            self.frame = frame
+            now = time.monotonic()
+            interval = now - self.frame_time
+            if 0 < interval < 1:
+                self.fps += (1 / interval - self.fps) * 0.1
+            self.frame, self.frame_time = frame, now
             self.frames += 1
             for view in self.views:
                 view.damage.add_grid(cells)
+            self.detector.damaged(cells, frame, now)
         self.wake()
 
     def _as_frame(self, frame) -> np.ndarray:

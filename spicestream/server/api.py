@@ -14,22 +14,34 @@ import asyncio
 import logging
 import threading
 
+from ..display.streams import MODES
 from ..display.surface import Display
+from ..video.codec_list import DEFAULT_CODECS
+from ..video.factory import VideoCodecs
 from .connection import ChannelConnection
 from .core import ServerCore
 
 log = logging.getLogger("spicestream.server")
+TICK_S = 0.1
 
 
 class Server:
     def __init__(self, host: str = "127.0.0.1", port: int = 5900, password: str | None = None,
-                 *, name: str = "spicestream", width: int = 1024, height: int = 768):
+                 *, name: str = "spicestream", width: int = 1024, height: int = 768,
+                 video_codecs: str = DEFAULT_CODECS, streaming_video: str = "filter"):
+        """`video_codecs`: "encoder:codec" entries separated by ";" (spice-server syntax),
+        e.g. "gstreamer:h264;spice:mjpeg"; raises CodecListError for a bad list.
+        `streaming_video`: "off", "all" or "filter" (spice-server's modes)."""
         if password is not None and len(password.encode()) > 60:
             raise ValueError("password longer than 60 bytes: SPICE clients refuse it")
+        if streaming_video not in MODES:
+            raise ValueError(f"streaming_video must be one of {', '.join(MODES)}")
         self.host = host
         self.port = port
-        self.display = Display(width, height)
-        self._core = ServerCore(self.display, None if password is None else password.encode(), name)
+        self.display = Display(width, height, streaming=streaming_video)
+        codecs = None if streaming_video == "off" else VideoCodecs(video_codecs)
+        self._core = ServerCore(self.display, None if password is None else password.encode(), name,
+                                codecs)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
@@ -68,15 +80,36 @@ class Server:
         listener = await loop.create_server(lambda: ChannelConnection(self._core), self.host, self.port)
         self.port = listener.sockets[0].getsockname()[1]
         log.info("listening on %s:%d", self.host, self.port)
+        if self._core.video_codecs is not None:
+            # Probe encoders now, off the loop, so the first stream does not wait for it.
+            loop.run_in_executor(None, lambda: self._core.video_codecs.probe)
+        ticker = loop.create_task(self._tick())
         self._ready.set()
         try:
             await self._stopping.wait()
         finally:
+            ticker.cancel()
             listener.close()
             self._core.disconnect_all("server stopping")
             await listener.wait_closed()
             self.display.wake = lambda: None
             self._loop = None
+
+    async def _tick(self) -> None:
+        # Streams end when their region goes still, also when the application stops drawing.
+        while True:
+            await asyncio.sleep(TICK_S)
+            self.display.tick()
+
+    def stats(self) -> dict:
+        """Per display client: its stream's encoder and send statistics."""
+        out = {"clients": []}
+        for channel in list(self._core.display_channels):
+            entry = {"peer": channel.conn.peer, "bytes_sent": channel.bytes_sent}
+            if channel.streams is not None:
+                entry["streams"] = channel.streams.stats()
+            out["clients"].append(entry)
+        return out
 
     def _wake(self) -> None:
         # Called by Display from any thread; coalesce so a fast producer schedules one pump.

@@ -25,6 +25,7 @@ from ..protocol.constants import (
 from ..protocol.messages import CLIENT, HEAD, SERVER, ChannelEntry, Point, Point16, Rect
 from ..protocol.scancodes import parse_key_code, parse_scancodes
 from .cursor import default_cursor
+from .streaming import StreamSender
 
 if TYPE_CHECKING:
     from .core import ServerCore, Session
@@ -98,13 +99,21 @@ class DisplayChannel(ChannelHandler):
         self.has_surface = False
         self.marked = False
         self.bytes_sent = 0
+        self.streams = None
+        if self.core.video_codecs is not None:
+            self.streams = StreamSender(self, self.core.video_codecs, self.caps)
         self.conn.proto.set_ack()
         self.core.display_channels.add(self)
         self.writable()
 
     def handle(self, message) -> None:
-        if type(message) is CLIENT.DISPLAY_INIT:
+        kind = type(message)
+        if kind is CLIENT.DISPLAY_INIT:
             log.debug("%s: display init %s", self.conn.peer, message)
+        elif kind is CLIENT.DISPLAY_STREAM_REPORT and self.streams is not None:
+            self.streams.report(message)
+        elif kind is CLIENT.DISPLAY_PREFERRED_VIDEO_CODEC_TYPE and self.streams is not None:
+            self.streams.set_preferred(list(message.codecs))
 
     def writable(self) -> None:
         """Send pending damage while the socket and the ACK window allow it.
@@ -113,15 +122,23 @@ class DisplayChannel(ChannelHandler):
         high-water mark is at most one frame's worth of rectangles.
         """
         conn = self.conn
+        if self.streams is not None and self.marked and conn.can_send:
+            self.streams.sync()
         while conn.can_send and self.view.pending:
             frame, (width, height), resized, rects = self.view.take()
             if resized:
+                if self.streams is not None:
+                    self.streams.end(lossless=False)
                 self._new_surface(width, height)
             for x, y, w, h in rects:
                 self._draw_copy(frame, x, y, w, h)
             if not self.marked:
                 conn.send(SERVER.DISPLAY_MARK())
                 self.marked = True
+            conn.flush()
+        if self.streams is not None and self.marked:
+            self.streams.sync()
+            self.streams.feed()
             conn.flush()
 
     def _new_surface(self, width: int, height: int) -> None:
@@ -143,6 +160,8 @@ class DisplayChannel(ChannelHandler):
             image=image))
 
     def closed(self) -> None:
+        if self.streams is not None:
+            self.streams.close()
         self.core.display_channels.discard(self)
         self.core.display.detach(self.view)
         super().closed()

@@ -25,7 +25,8 @@ log = logging.getLogger("spicestream.server")
 CHANNEL_CAPS = {
     ChannelType.MAIN: (MainCap.SEMI_SEAMLESS_MIGRATE, MainCap.NAME_AND_UUID,
                        MainCap.AGENT_CONNECTED_TOKENS, MainCap.SEAMLESS_MIGRATE),
-    ChannelType.DISPLAY: (DisplayCap.MONITORS_CONFIG,),
+    ChannelType.DISPLAY: (DisplayCap.MONITORS_CONFIG, DisplayCap.STREAM_REPORT,
+                          DisplayCap.PREF_VIDEO_CODEC_TYPE),
     ChannelType.INPUTS: (InputsCap.KEY_SCANCODE,),
     ChannelType.CURSOR: (),
 }
@@ -50,8 +51,9 @@ class Session:
 
 
 class ServerCore:
-    def __init__(self, display: Display, password: bytes | None, name: str):
+    def __init__(self, display: Display, password: bytes | None, name: str, video_codecs=None):
         self.display = display
+        self.video_codecs = video_codecs  # VideoCodecs, or None when streaming is off
         self.password = password
         self.name = name
         self.uuid = uuidlib.uuid4().bytes
@@ -68,6 +70,10 @@ class ServerCore:
     def mm_time(self) -> int:
         """The server's media clock: monotonic milliseconds, u32 wrapping (brief §4.4)."""
         return int((time.monotonic() - self._epoch) * 1000 + 1) & 0xFFFFFFFF
+
+    def mm_time_at(self, monotonic: float) -> int:
+        """Media time of a moment measured with time.monotonic() (a frame's capture)."""
+        return int((monotonic - self._epoch) * 1000 + 1) & 0xFFFFFFFF or 1
 
     def client_mm_time(self) -> int:
         return (self.mm_time() - self.latency_ms) & 0xFFFFFFFF or 1

@@ -1,0 +1,130 @@
+"""Video-region detection: which part of the display keeps changing and should be a stream.
+
+Each tile has a "heat": every update that changes it adds 1, and heat decays with a time
+constant of one second, so a tile changing f times a second settles near f. A region whose
+tiles run hotter than START_HEAT (several updates a second, sustained) becomes a stream; the
+stream ends once its region has been still for STOP_AFTER_S. Regions are tile-aligned, so
+the lossless path can leave exactly the stream's tiles alone. Modes follow spice-server's
+`streaming-video`: "off", "all" (any hot region), "filter" (only regions big and colourful
+enough to look like video: a ticking clock, a blinking cursor or a progress bar never are).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .damage import TILE
+
+MODES = ("off", "all", "filter")
+HEAT_TAU_S = 1.0
+START_HEAT = 4.0
+STOP_AFTER_S = 1.0
+FULL_SCREEN_FRACTION = 0.8  # a hot area this big streams the whole surface
+FILTER_MIN_SIZE = (128, 96)
+FILTER_MIN_COLOURS = 64  # distinct colours among sampled pixels
+MAX_STREAM_ID = 64  # SPICE_MAX_NUM_STREAMS
+
+
+@dataclass(frozen=True)
+class StreamRegion:
+    stream_id: int
+    x: int
+    y: int
+    width: int
+    height: int
+
+    @property
+    def rect(self) -> tuple[int, int, int, int]:
+        return (self.x, self.y, self.width, self.height)
+
+    def tile_mask(self, shape: tuple[int, int]) -> np.ndarray:
+        """Tiles wholly inside the region (their damage is carried by the stream)."""
+        mask = np.zeros(shape, bool)
+        c0, r0 = -(-self.x // TILE), -(-self.y // TILE)
+        c1, r1 = (self.x + self.width) // TILE, (self.y + self.height) // TILE
+        mask[r0:r1, c0:c1] = True
+        return mask
+
+
+class StreamDetector:
+    def __init__(self, mode: str, width: int, height: int):
+        if mode not in MODES:
+            raise ValueError(f"streaming mode must be one of {', '.join(MODES)}, not {mode!r}")
+        self.mode = mode
+        self.width, self.height = width, height
+        self.heat = np.zeros((-(-height // TILE), -(-width // TILE)), np.float32)
+        self.region: StreamRegion | None = None
+        self._last_update = None
+        self._last_change = 0.0
+        self._ids = itertools.cycle(range(MAX_STREAM_ID))
+
+    def damaged(self, cells: np.ndarray, frame: np.ndarray, now: float) -> bool:
+        """Account one update's changed tiles; returns True when the region changed."""
+        if self.mode == "off":
+            return False
+        self._decay(now)
+        self.heat += cells
+        if self.region is not None and cells[self._region_cells()].any():
+            self._last_change = now
+        return self._evaluate(frame, now)
+
+    def tick(self, now: float) -> bool:
+        """Called periodically: ends a stream whose region went still. True if it changed."""
+        if self.region is not None and now - self._last_change >= STOP_AFTER_S:
+            self.region = None
+            self.heat[:] = 0
+            return True
+        return False
+
+    def _decay(self, now: float) -> None:
+        if self._last_update is not None:
+            self.heat *= math.exp(-max(0.0, now - self._last_update) / HEAT_TAU_S)
+        self._last_update = now
+
+    def _region_cells(self):
+        r = self.region
+        return (slice(r.y // TILE, -(-(r.y + r.height) // TILE)),
+                slice(r.x // TILE, -(-(r.x + r.width) // TILE)))
+
+    def _evaluate(self, frame: np.ndarray, now: float) -> bool:
+        hot = self.heat >= START_HEAT
+        if not hot.any():
+            return self.tick(now)
+        rows, cols = np.flatnonzero(hot.any(axis=1)), np.flatnonzero(hot.any(axis=0))
+        x, y = int(cols[0]) * TILE, int(rows[0]) * TILE
+        w = min(self.width, (int(cols[-1]) + 1) * TILE) - x
+        h = min(self.height, (int(rows[-1]) + 1) * TILE) - y
+        if w * h >= FULL_SCREEN_FRACTION * self.width * self.height:
+            x, y, w, h = 0, 0, self.width, self.height
+        w, h = w - w % 2, h - h % 2  # 4:2:0 encoders need even sizes
+        if w < 2 or h < 2:
+            return False
+        current = self.region
+        if current is not None and _inside((x, y, w, h), current.rect):
+            return False  # the hot area is still within the stream: keep it steady
+        if self.mode == "filter" and not _looks_like_video(frame, x, y, w, h):
+            return False
+        self.region = StreamRegion(next(self._ids), x, y, w, h)
+        self._last_change = now
+        return True
+
+
+def _inside(inner, outer) -> bool:
+    ix, iy, iw, ih = inner
+    ox, oy, ow, oh = outer
+    return ox <= ix and oy <= iy and ix + iw <= ox + ow and iy + ih <= oy + oh
+
+
+def _looks_like_video(frame: np.ndarray, x: int, y: int, w: int, h: int) -> bool:
+    if w < FILTER_MIN_SIZE[0] or h < FILTER_MIN_SIZE[1]:
+        return False
+    # A 32x32 grid of samples: text and flat UI use a handful of colours, video hundreds.
+    ys = np.linspace(y, y + h - 1, 32).astype(int)
+    xs = np.linspace(x, x + w - 1, 32).astype(int)
+    samples = frame[np.ix_(ys, xs)][..., :3].reshape(-1, 3)
+    packed = samples[:, 0].astype(np.uint32) << 16 | samples[:, 1].astype(np.uint32) << 8 | samples[:, 2]
+    return len(np.unique(packed)) >= FILTER_MIN_COLOURS

@@ -1,0 +1,165 @@
+"""The GStreamer backend: `appsrc ! videoconvert ! queue ! <encoder> ! <caps> ! appsink`.
+
+Frames go in without a copy (gstbuffer.push_frame wraps the application's memory, strided
+regions included). Conversion and encoding run on different GStreamer threads (the queue
+between them), so at 2 frames in flight a 2-core machine converts one frame while it encodes
+the previous one. Output buffers come back in input order on the appsink's streaming thread
+and are matched to their input by order (encoders shift PTS, see gstreamer-python.md).
+
+A pipeline error is reported through `on_error`; the caller decides to rebuild or fall back.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+
+import numpy as np
+
+from .codec import Codec
+from .elements import ElementSpec
+from .encoder import EncodedFrame, EncoderError, VideoEncoder
+
+log = logging.getLogger("spicestream.video")
+
+try:
+    import gi
+
+    gi.require_version("Gst", "1.0")
+    gi.require_version("GstVideo", "1.0")
+    from gi.repository import GLib, Gst, GstVideo
+
+    Gst.init(None)
+except (ImportError, ValueError) as _exc:  # no GStreamer: the built-in MJPEG still works
+    GLib = Gst = GstVideo = None
+    IMPORT_ERROR = str(_exc)
+else:
+    IMPORT_ERROR = ""
+    from .gstbuffer import push_frame
+
+
+def available() -> tuple[bool, str]:
+    if Gst is None:
+        return False, f"GStreamer (PyGObject) unavailable: {IMPORT_ERROR}"
+    return True, Gst.version_string()
+
+
+def element_exists(name: str) -> bool:
+    return Gst is not None and Gst.ElementFactory.find(name) is not None
+
+
+def pipeline_description(spec: ElementSpec, width: int, height: int, fps: int) -> str:
+    # The caps carry a real frame rate: with framerate=0/1 x264enc holds every frame back
+    # until the next one arrives (one frame of latency), and rate control needs the rate.
+    caps_out = f" ! {spec.output_caps}" if spec.output_caps else ""
+    return (
+        f"appsrc name=src is-live=true format=time do-timestamp=false block=false "
+        f"caps=video/x-raw,format=BGRx,width={width},height={height},framerate={fps}/1 "
+        f"! videoconvert n-threads=1 ! video/x-raw,format={spec.input_format} "
+        f"! queue max-size-buffers=2 max-size-bytes=0 max-size-time=0 "
+        f"! {spec.element} name=enc {spec.properties}{caps_out} "
+        f"! appsink name=sink emit-signals=true sync=false max-buffers=8 drop=false"
+    )
+
+
+class GstEncoder(VideoEncoder):
+    backend = "gstreamer"
+
+    def __init__(self, spec: ElementSpec, width: int, height: int, bit_rate: int,
+                 on_frame, on_error, fps: int = 30):
+        if Gst is None:
+            raise EncoderError(available()[1])
+        if spec.output_caps and (width % 2 or height % 2):
+            raise EncoderError(f"{spec.element} needs an even size, got {width}x{height}")
+        super().__init__(spec.codec, width, height, bit_rate, on_frame, on_error)
+        self.spec, self.element, self.hardware = spec, spec.element, spec.hardware
+        self._pending: collections.deque = collections.deque()  # (timestamp, started, copied)
+        self._pending_lock = threading.Lock()
+        self._frame_index = 0
+        self.fps = max(1, min(240, int(fps)))
+        self._duration_ns = Gst.SECOND // self.fps
+        try:
+            self.pipeline = Gst.parse_launch(pipeline_description(spec, width, height, self.fps))
+        except GLib.Error as exc:
+            raise EncoderError(f"{spec.element}: {exc}") from None
+        self.src = self.pipeline.get_by_name("src")
+        self.enc = self.pipeline.get_by_name("enc")
+        self.sink = self.pipeline.get_by_name("sink")
+        self._apply_bit_rate()
+        self.sink.connect("new-sample", self._on_sample)
+        bus = self.pipeline.get_bus()
+        bus.enable_sync_message_emission()
+        bus.connect("sync-message::error", self._on_bus_error)
+        if self.pipeline.set_state(Gst.State.PLAYING) == Gst.StateChangeReturn.FAILURE:
+            self.pipeline.set_state(Gst.State.NULL)
+            raise EncoderError(f"{spec.element}: pipeline would not start")
+
+    def _submit(self, frame: np.ndarray, timestamp_ms: int, started: float) -> None:
+        pts = self._frame_index * self._duration_ns
+        self._frame_index += 1
+        with self._pending_lock:
+            self._pending.append([timestamp_ms, started, 0])
+        copied = push_frame(self.src, frame, pts, self._duration_ns)
+        with self._pending_lock:
+            if self._pending:
+                self._pending[-1][2] = copied
+
+    def _on_sample(self, sink) -> "Gst.FlowReturn":
+        sample = sink.emit("pull-sample")
+        if sample is None:
+            return Gst.FlowReturn.OK
+        buf = sample.get_buffer()
+        data = buf.extract_dup(0, buf.get_size())  # one copy of the small compressed frame
+        key = not buf.has_flags(Gst.BufferFlags.DELTA_UNIT)
+        with self._pending_lock:
+            entry = self._pending.popleft() if self._pending else [0, time.perf_counter(), 0]
+        timestamp_ms, started, copied = entry
+        self._finished(EncodedFrame(data, timestamp_ms, key, self.width, self.height,
+                                    (time.perf_counter() - started) * 1000, copied))
+        return Gst.FlowReturn.OK
+
+    def _on_bus_error(self, bus, message) -> None:
+        error, debug = message.parse_error()
+        log.debug("%s pipeline error: %s (%s)", self.element, error.message, debug)
+        with self._pending_lock:
+            lost = len(self._pending)
+            self._pending.clear()
+        for _ in range(lost):
+            self._finished(None)
+        self._fail(f"{self.element}: {error.message}")
+
+    def _apply_bit_rate(self) -> None:
+        spec = self.spec
+        if spec.rate_property is None:
+            return
+        prop = self.enc.find_property(spec.rate_property)
+        value = self.bit_rate // spec.rate_unit
+        value = max(prop.minimum, min(prop.maximum, value))
+        self.enc.set_property(spec.rate_property, value)
+
+    def set_bit_rate(self, bit_rate: int) -> None:
+        super().set_bit_rate(bit_rate)
+        if not self.closed:
+            self._apply_bit_rate()
+
+    def set_quality(self, quality: int) -> None:
+        if self.spec.quality_property and not self.closed:
+            self.enc.set_property(self.spec.quality_property, max(1, min(100, int(quality))))
+
+    def force_key_frame(self) -> None:
+        if self.closed:
+            return
+        event = GstVideo.video_event_new_upstream_force_key_unit(Gst.CLOCK_TIME_NONE, True, 0)
+        self.sink.get_static_pad("sink").send_event(event)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        super().close()
+        self.pipeline.set_state(Gst.State.NULL)
+        with self._pending_lock:
+            self._pending.clear()
+        self._in_flight = 0
+

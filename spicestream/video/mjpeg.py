@@ -1,0 +1,86 @@
+"""The built-in MJPEG encoder: libjpeg-turbo through simplejpeg, no GStreamer needed.
+
+Each frame becomes one complete baseline JFIF (with its own tables), which is exactly what
+spice-gtk's built-in decoder and spice-html5 take (brief §6.2). simplejpeg reads strided rows,
+so a stream region inside a larger surface is encoded in place, without a copy. Rate control
+for MJPEG is by quality (and by the caller dropping frames), not by a bit-rate target.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import numpy as np
+
+from .codec import Codec
+from .encoder import EncodedFrame, VideoEncoder
+
+try:
+    import simplejpeg
+except ImportError:  # reported by available(); the server then has no built-in MJPEG
+    simplejpeg = None
+
+QUALITY_STEPS = (20, 30, 40, 50, 60, 70, 80, 90)  # spice-server's ladder, plus one
+DEFAULT_QUALITY = 80
+
+
+def available() -> tuple[bool, str]:
+    if simplejpeg is None:
+        return False, "python package simplejpeg is not installed"
+    return True, "libjpeg-turbo via simplejpeg"
+
+
+class MjpegEncoder(VideoEncoder):
+    backend = "spice"
+    element = "simplejpeg"
+    max_in_flight = 1
+
+    def __init__(self, codec: Codec, width: int, height: int, bit_rate: int, on_frame, on_error,
+                 quality: int = DEFAULT_QUALITY):
+        if codec != Codec.MJPEG:
+            raise ValueError("the built-in encoder only does MJPEG")
+        if simplejpeg is None:
+            raise RuntimeError(available()[1])
+        super().__init__(codec, width, height, bit_rate, on_frame, on_error)
+        self.quality = quality
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="mjpeg-encoder", daemon=True)
+        self._thread.start()
+
+    def _submit(self, frame: np.ndarray, timestamp_ms: int, started: float) -> None:
+        self._jobs.put((frame, timestamp_ms, started))
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            frame, timestamp_ms, started = job
+            copied = 0
+            if frame.strides[1:] != (4, 1):  # simplejpeg needs contiguous pixels within a row
+                frame = np.ascontiguousarray(frame)
+                copied = frame.nbytes
+            try:
+                data = simplejpeg.encode_jpeg(frame, self.quality, colorspace="BGRX",
+                                              colorsubsampling="420", fastdct=True)
+            except Exception as exc:  # reported, never raised on the encoder thread
+                self._finished(None)
+                self._fail(f"simplejpeg: {exc}")
+                continue
+            self._finished(EncodedFrame(data, timestamp_ms, True, self.width, self.height,
+                                        (time.perf_counter() - started) * 1000, copied))
+
+    def set_quality(self, quality: int) -> None:
+        self.quality = max(1, min(100, int(quality)))
+
+    def force_key_frame(self) -> None:
+        pass  # every JPEG is a key frame
+
+    def stats(self) -> dict:
+        info = super().stats()
+        info["quality"] = self.quality
+        return info
+
+    def close(self) -> None:
+        if not self.closed:
+            super().close()
+            self._jobs.put(None)
