@@ -22,6 +22,7 @@ from .damage import TILE
 MODES = ("off", "all", "filter")
 HEAT_TAU_S = 1.0
 START_HEAT = 4.0
+WARM_FRACTION = 0.5
 STOP_AFTER_S = 1.0
 FULL_SCREEN_FRACTION = 0.8  # a hot area this big streams the whole surface
 FILTER_MIN_SIZE = (128, 96)
@@ -91,10 +92,12 @@ class StreamDetector:
                 slice(r.x // TILE, -(-(r.x + r.width) // TILE)))
 
     def _evaluate(self, frame: np.ndarray, now: float) -> bool:
-        hot = self.heat >= START_HEAT
-        if not hot.any():
+        if not (self.heat >= START_HEAT).any():
             return self.tick(now)
-        rows, cols = np.flatnonzero(hot.any(axis=1)), np.flatnonzero(hot.any(axis=0))
+        # Once one tile is hot, its warm neighbours belong to the same activity: taking them
+        # in now avoids a small stream that is replaced by a bigger one a frame later.
+        warm = self.heat >= START_HEAT * WARM_FRACTION
+        rows, cols = np.flatnonzero(warm.any(axis=1)), np.flatnonzero(warm.any(axis=0))
         x, y = int(cols[0]) * TILE, int(rows[0]) * TILE
         w = min(self.width, (int(cols[-1]) + 1) * TILE) - x
         h = min(self.height, (int(rows[-1]) + 1) * TILE) - y

@@ -29,7 +29,8 @@ STREAM_TOP_DOWN = 1
 REPORT_WINDOW = 5  # frames per client report (spice-server's value)
 REPORT_TIMEOUT_MS = 1000
 UNSUPPORTED_DROPS = 0xFFFFFFFF  # num_drops of a "cannot decode this stream" report
-BITS_PER_PIXEL_FRAME = 0.1  # starting bit rate: about 6 Mbit/s for 1080p at 30 fps
+BITS_PER_PIXEL_FRAME = 0.1  # starting bit rate: about 6 Mbit/s for 1080p at 30 fps...
+MIN_START_BIT_RATE = 2_000_000  # ...but never so low that a small region looks poor
 
 
 @dataclass
@@ -102,7 +103,7 @@ class StreamSender:
 
     def _create_encoder(self, entry: CodecEntry, region: StreamRegion) -> VideoEncoder:
         fps = max(1, min(60, round(self.display.fps)))
-        bit_rate = int(region.width * region.height * fps * BITS_PER_PIXEL_FRAME)
+        bit_rate = max(MIN_START_BIT_RATE, int(region.width * region.height * fps * BITS_PER_PIXEL_FRAME))
 
         def on_frame(frame: EncodedFrame) -> None:  # encoder thread
             self._loop.call_soon_threadsafe(self._send_frame, encoder, frame)

@@ -25,6 +25,7 @@ _BORDER = (90, 96, 112)
 # The plasma is computed on at most this many columns and upscaled by whole blocks,
 # which keeps the per-frame cost nearly independent of the screen size.
 _PLASMA_MAX_COLS = 192
+FRAME_RING = 4
 
 
 def _font(size: int) -> ImageFont.ImageFont:
@@ -112,7 +113,11 @@ class DemoScene:
         self.clock_rect = (w - clk_w, 0, clk_w, ph)
 
         self._background = _to_bgrx(np.asarray(bg))
-        self._frame = self._background.copy()
+        # A ring of frames: the server reads a published frame later (encoders hold up to two
+        # in flight), so the next frames are drawn into other buffers, never into one in use.
+        self._frames = [self._background.copy() for _ in range(FRAME_RING)]
+        self._frame_clock = [None] * FRAME_RING  # clock text drawn in each buffer
+        self._next = 0
         self._clock_text = None
         self._wall_offset = None
         self._pal = _palette()
@@ -124,7 +129,7 @@ class DemoScene:
         # view, so writes land in the frame).  Upscaling = repeat columns into one
         # contiguous row, then broadcast it down s lines: ~15x faster than a 2-D
         # block broadcast, whose innermost runs are only s pixels long.
-        self._block_rows = self._frame[wy:wy + ch, wx:wx + cw].reshape(rows, s, cw, 4)
+        self._block_rows = [f[wy:wy + ch, wx:wx + cw].reshape(rows, s, cw, 4) for f in self._frames]
 
     def _plasma(self, t: float) -> np.ndarray:
         x, y = self._xs, self._ys
@@ -141,31 +146,36 @@ class DemoScene:
         low[((x - bx) ** 2 + (y - by) ** 2) < 0.09] = (255, 255, 255, 255)
         return low
 
-    def _draw_clock(self, text: str) -> None:
+    def _draw_clock(self, frame: np.ndarray, text: str) -> None:
         x, y, cw, ch = self.clock_rect
         # Start from the background so the previous digits are erased.
         img = Image.fromarray(np.ascontiguousarray(self._background[y:y + ch, x:x + cw, 2::-1]))
         ImageDraw.Draw(img).text((cw // 2, ch // 2), text, font=self._clock_font, fill=_TEXT,
                                  anchor="mm")
-        self._frame[y:y + ch, x:x + cw, :3] = np.asarray(img)[..., ::-1]
+        frame[y:y + ch, x:x + cw, :3] = np.asarray(img)[..., ::-1]
 
     def render(self, now: float) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
-        """Return (frame, damage): a (h, w, 4) uint8 BGRx frame (reused between calls)
-        and the (x, y, w, h) rects changed since the previous call."""
+        """Return (frame, damage): a (h, w, 4) uint8 BGRx frame (one of a ring of FRAME_RING,
+        reused every FRAME_RING calls) and the (x, y, w, h) rects changed since the
+        previous call."""
         first = self._wall_offset is None
         if first:
             # Clock follows `now` (monotonic) but shows local wall time.
             self._wall_offset = time.time() - now
+        index, self._next = self._next, (self._next + 1) % FRAME_RING
+        frame = self._frames[index]
         damage = [self.video_rect]
-        self._block_rows[:] = np.repeat(self._plasma(now), self._block, axis=1)[:, None]
+        self._block_rows[index][:] = np.repeat(self._plasma(now), self._block, axis=1)[:, None]
         text = time.strftime("%H:%M:%S", time.localtime(now + self._wall_offset))
+        if text != self._frame_clock[index]:
+            self._frame_clock[index] = text
+            self._draw_clock(frame, text)
         if text != self._clock_text:
             self._clock_text = text
-            self._draw_clock(text)
             damage.append(self.clock_rect)
         if first:
             damage = [(0, 0, self.width, self.height)]
-        return self._frame, damage
+        return frame, damage
 
 
 def run_demo(display, fps: float, size: tuple[int, int], stop_event: threading.Event) -> None:

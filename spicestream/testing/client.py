@@ -23,6 +23,7 @@ from ..protocol.constants import CommonCap, DisplayCap, LinkError
 from ..protocol.constants import ChannelType as Ch
 from ..protocol.link import LINK_HEADER, ClientLink
 from ..protocol.messages import CLIENT, SERVER
+from ..video.codec import Codec
 from .images import decode_image
 
 DEFAULT_DISPLAY_CAPS = (DisplayCap.SIZED_STREAM, DisplayCap.MONITORS_CONFIG,
@@ -71,7 +72,7 @@ class TestClient:
 
     def __init__(self, host: str, port: int, password: str | None = None,
                  display_caps=DEFAULT_DISPLAY_CAPS, channels=(Ch.DISPLAY, Ch.INPUTS, Ch.CURSOR),
-                 mini_header: bool = True, main_caps=()):
+                 mini_header: bool = True, main_caps=(), decode_streams: bool = True):
         self.host, self.port, self.password = host, port, password
         self.display_caps, self.wanted, self.main_caps = display_caps, channels, main_caps
         self.common_caps = (CommonCap.PROTOCOL_AUTH_SELECTION,) + (
@@ -86,6 +87,9 @@ class TestClient:
         self.bytes_drawn = 0
         self.cursor = None
         self.motion_acks = 0
+        self.decode_streams = decode_streams
+        self.streams: dict[int, dict] = {}  # id -> {"create": msg, "decoder": ..., "frames": n}
+        self.stream_log: list[dict] = []  # one entry per received stream frame
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
@@ -183,6 +187,14 @@ class TestClient:
             self.marked = True
         elif kind is SERVER.DISPLAY_DRAW_COPY:
             self._draw_copy(message)
+        elif kind is SERVER.DISPLAY_STREAM_CREATE:
+            self._stream_create(message)
+        elif kind in (SERVER.DISPLAY_STREAM_DATA, SERVER.DISPLAY_STREAM_DATA_SIZED):
+            self._stream_data(message)
+        elif kind is SERVER.DISPLAY_STREAM_DESTROY:
+            stream = self.streams.pop(message.id, None)
+            if stream and stream["decoder"] is not None:
+                stream["decoder"].close()
         elif kind is SERVER.CURSOR_INIT:
             self.cursor = message
         elif kind is SERVER.INPUTS_MOUSE_MOTION_ACK:
@@ -197,3 +209,31 @@ class TestClient:
         self.frame[box.top : box.bottom, box.left : box.right] = src
         self.draws += 1
         self.bytes_drawn += len(m.image)
+
+    def _stream_create(self, m) -> None:
+        if m.id in self.streams:
+            raise AssertionError(f"stream {m.id} created twice")
+        decoder = None
+        if self.decode_streams:
+            from .decoder import StreamDecoder
+
+            decoder = StreamDecoder(Codec(m.codec_type))
+        self.streams[m.id] = {"create": m, "decoder": decoder, "frames": 0}
+
+    def _stream_data(self, m) -> None:
+        stream = self.streams.get(m.id)
+        if stream is None:
+            raise AssertionError(f"data for unknown stream {m.id}")
+        stream["frames"] += 1
+        entry = {"id": m.id, "mm_time": m.multi_media_time, "arrival": time.monotonic(),
+                 "size": len(m.data), "picture": None}
+        dest = getattr(m, "dest", None) or stream["create"].dest
+        if stream["decoder"] is not None:
+            picture = stream["decoder"].decode(m.data)
+            entry["picture"] = picture
+            if picture is not None and self.frame is not None:
+                h, w = dest.bottom - dest.top, dest.right - dest.left
+                if picture.shape[:2] == (h, w):
+                    self.frame[dest.top : dest.bottom, dest.left : dest.right] = picture
+        self.stream_log.append(entry)
+        del self.stream_log[:-200]  # bounded: tests look at recent frames

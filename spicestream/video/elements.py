@@ -74,7 +74,10 @@ ELEMENTS: list[ElementSpec] = [
     ElementSpec("x265enc", Codec.H265, f"tune=zerolatency speed-preset=ultrafast "
                 f"key-int-max={KEY_INTERVAL} option-string=bframes=0:rc-lookahead=0:aud=1:repeat-headers=1",
                 "bitrate", 1000, output_caps=H265_CAPS),
-    ElementSpec("jpegenc", Codec.MJPEG, "", None, 1, input_format="I420", quality_property="quality"),
+    # JPEG is full-range YCbCr: fed I420 (limited range) it would decode washed out, so
+    # jpegenc gets BGRx and libjpeg converts.
+    ElementSpec("jpegenc", Codec.MJPEG, "quality=80", None, 1, input_format="BGRx",
+                quality_property="quality"),
 ]
 
 BY_NAME = {spec.element: spec for spec in ELEMENTS}

@@ -1,0 +1,127 @@
+"""Codec lists, codec selection against client caps and preferences, and encoder probing."""
+
+import subprocess
+import sys
+
+import pytest
+
+from spicestream.protocol.constants import DisplayCap, caps_to_words
+from spicestream.video.codec import Codec
+from spicestream.video.codec_list import (
+    CodecEntry, CodecListError, choose_codec, parse_codec_list, rank_by_preference)
+from spicestream.video.elements import ElementSpec
+from spicestream.video.factory import FALLBACK, VideoCodecs
+from spicestream.video.probe import ProbeResult, probe_all
+
+H264, VP8, MJPEG = CodecEntry("gstreamer", Codec.H264), CodecEntry("gstreamer", Codec.VP8), FALLBACK
+
+
+def caps(*bits):
+    return tuple(caps_to_words(bits))
+
+
+GTK = caps(DisplayCap.MULTI_CODEC, DisplayCap.CODEC_MJPEG, DisplayCap.CODEC_VP8, DisplayCap.CODEC_H264)
+
+
+@pytest.mark.parametrize("text,expect", [
+    ("gstreamer:h264;spice:mjpeg", [H264, MJPEG]),
+    (" gstreamer:H264 ; gstreamer:vp8 ;; spice:mjpeg; ", [H264, VP8, MJPEG]),
+    ("gstreamer:h264;gstreamer:h264", [H264]),
+    ("gstreamer:vp9;gstreamer:h265;gstreamer:mjpeg", [CodecEntry("gstreamer", Codec.VP9),
+                                                      CodecEntry("gstreamer", Codec.H265),
+                                                      CodecEntry("gstreamer", Codec.MJPEG)]),
+])
+def test_parse_good_lists(text, expect):
+    assert parse_codec_list(text) == expect
+
+
+@pytest.mark.parametrize("text,match", [
+    ("", "empty"), (";;", "empty"), ("h264", "ENCODER:CODEC"), ("gstreamer:", "ENCODER:CODEC"),
+    ("ffmpeg:h264", "unknown encoder 'ffmpeg'"), ("gstreamer:av1", "unknown codec 'av1'"),
+    ("spice:h264", "cannot encode h264"), ("gstreamer:h264;bogus", "ENCODER:CODEC"),
+])
+def test_parse_bad_lists(text, match):
+    with pytest.raises(CodecListError, match=match):
+        parse_codec_list(text)
+
+
+def test_cli_rejects_bad_list_with_status_2():
+    result = subprocess.run([sys.executable, "-m", "spicestream", "serve", "--video-codecs", "x:y"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "--video-codecs" in result.stderr and "unknown encoder" in result.stderr
+
+
+def test_choose_follows_server_order_and_client_caps():
+    entries = [H264, VP8, MJPEG]
+    usable = set(entries)
+    assert choose_codec(entries, GTK, usable) == H264
+    no_h264 = caps(DisplayCap.MULTI_CODEC, DisplayCap.CODEC_MJPEG, DisplayCap.CODEC_VP8)
+    assert choose_codec(entries, no_h264, usable) == VP8
+    # Without MULTI_CODEC a client knows only MJPEG, whatever other bits it sets.
+    assert choose_codec(entries, caps(DisplayCap.CODEC_H264), usable) == MJPEG
+    assert choose_codec(entries, GTK, {VP8, MJPEG}) == VP8  # h264 not working here
+    assert choose_codec(entries, GTK, usable, failed={H264, VP8}) == MJPEG
+    assert choose_codec(entries, GTK, usable, failed={H264, VP8, MJPEG}) is None
+
+
+def test_client_preference_reorders():
+    entries = [H264, VP8, MJPEG]
+    assert rank_by_preference(entries, [Codec.VP8]) == [VP8, H264, MJPEG]
+    assert rank_by_preference(entries, [Codec.MJPEG, 99, Codec.VP8, Codec.MJPEG]) == [MJPEG, VP8, H264]
+    assert choose_codec(entries, GTK, set(entries), preferred=[Codec.VP8]) == VP8
+    # A preferred codec the client cannot decode is skipped.
+    assert choose_codec(entries, GTK, set(entries), preferred=[Codec.VP9, Codec.MJPEG]) == MJPEG
+
+
+def fake_probe(*usable_elements):
+    rows = [ProbeResult("gstreamer", Codec.H264, "nvh264enc", True, False, "no device"),
+            ProbeResult("gstreamer", Codec.H264, "x264enc", False, "x264enc" in usable_elements, "t"),
+            ProbeResult("gstreamer", Codec.VP8, "vp8enc", False, "vp8enc" in usable_elements, "t")]
+    return rows + [ProbeResult("spice", Codec.MJPEG, "simplejpeg", False, True, "built in")]
+
+
+def test_builtin_mjpeg_is_always_the_last_resort():
+    codecs = VideoCodecs("gstreamer:h264", probe=fake_probe())
+    assert codecs.entries == [H264, MJPEG]
+    assert codecs.choose(GTK) == MJPEG  # h264 not usable here
+    codecs = VideoCodecs("gstreamer:h264;gstreamer:vp8", probe=fake_probe("x264enc", "vp8enc"))
+    assert codecs.choose(GTK) == H264 and codecs.choose(GTK, failed={H264}) == VP8
+
+
+def test_probe_reports_every_element_and_rejects_missing_hardware():
+    results = probe_all()
+    by_element = {r.element: r for r in results}
+    for hw in ("nvh264enc", "vah264enc", "vaapih264enc", "qsvh264enc", "msdkh264enc"):
+        row = by_element[hw]
+        assert row.hardware and row.reason
+        if not row.usable:
+            assert "not registered" in row.reason or "test encode" in row.reason
+    assert by_element["simplejpeg"].usable
+
+
+def test_probe_survives_an_encoder_that_crashes_its_process(monkeypatch):
+    """A driver that aborts the process must cost only its own row. GLib's fatal-warnings
+    mode turns the out-of-range property below into a real abort of the probing child
+    (SIGTRAP), the way a broken hardware driver would die; the next element is then probed
+    by a fresh child."""
+    from spicestream.video import gst_encoder
+
+    if not gst_encoder.element_exists("jpegenc") or not gst_encoder.element_exists("vp8enc"):
+        pytest.skip("needs jpegenc and vp8enc")
+    monkeypatch.setenv("G_DEBUG", "fatal-warnings")
+    crashing = ElementSpec("jpegenc", Codec.H264, "quality=1000", None, 1, hardware=True)
+    working = ElementSpec("vp8enc", Codec.VP8, "deadline=1", "target-bitrate", 1)
+    crashed, fine, builtin = probe_all([crashing, working], timeout=60)
+    assert not crashed.usable and "crashed the process (SIG" in crashed.reason, crashed
+    assert fine.usable and fine.reason == "test encode ok", fine
+    assert builtin.element == "simplejpeg"
+
+
+def test_codecs_command_prints_table():
+    result = subprocess.run([sys.executable, "-m", "spicestream", "codecs"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["codec", "encoder", "element", "hardware", "usable", "reason"]
+    assert any(line.split()[:2] == ["mjpeg", "spice"] for line in lines[1:])
+    assert any("nvh264enc" in line and " true " in line for line in lines[1:])
