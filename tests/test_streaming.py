@@ -246,3 +246,43 @@ def test_streaming_off_never_streams(make_server):
         server.display.update(last, damage=[REGION])
         client.wait_for(lambda c: (c.frame[..., :3] == last[..., :3]).all())
         assert not created(client)
+
+
+def inject_pipeline_error(server):
+    """Post a real GStreamer ERROR on the active encoder's bus, as a failing element would."""
+    from gi.repository import GLib, Gst
+
+    channel = next(iter(server._core.display_channels))
+    encoder = channel.streams.active.encoder
+    error = GLib.Error.new_literal(Gst.CoreError.quark(), "injected failure", Gst.CoreError.FAILED)
+    encoder.pipeline.get_bus().post(Gst.Message.new_error(encoder.enc, error, "test"))
+    return encoder
+
+
+def test_pipeline_error_rebuilds_once_then_switches_codec(make_server):
+    server = make_server("gstreamer:h264;gstreamer:vp8")
+    with TestClient("127.0.0.1", server.port, display_caps=ALL_CODECS) as client:
+        client.wait_for(lambda c: c.marked)
+        k = play_until_stream(server, client)
+        channel = next(iter(server._core.display_channels))
+        first = inject_pipeline_error(server)
+        deadline = time.monotonic() + 5
+        while channel.streams.active.encoder is first and time.monotonic() < deadline:
+            time.sleep(0.01)
+        rebuilt = channel.streams.active.encoder
+        assert rebuilt is not first and first.closed  # same stream, new pipeline
+        assert len(created(client)) == 1
+        frames = len(client.stream_log)
+        for _ in range(10):  # the rebuilt encoder keeps the stream going
+            server.display.update(moving_picture(k), damage=[REGION])
+            k += 1
+            time.sleep(1 / 30)
+        client.wait_for(lambda c: len(c.stream_log) > frames + 3)
+        inject_pipeline_error(server)  # second failure: next codec
+        deadline = time.monotonic() + 10
+        while len(created(client)) < 2 and time.monotonic() < deadline:
+            server.display.update(moving_picture(k), damage=[REGION])
+            k += 1
+            time.sleep(1 / 30)
+        assert [m.codec_type for m in created(client)] == [Codec.H264, Codec.VP8]
+        assert server.stats()["clients"][0]["streams"]["failed_codecs"] == ["gstreamer:h264"]
