@@ -4,7 +4,13 @@
 # packages; everything Python goes into .venv (see the Makefile).
 set -euo pipefail
 PACKAGES=(
-  python3 python3-venv python3-pip
+  python3 python3-venv python3-pip python3-dev gcc pkg-config
+  # GStreamer encoders and the typelibs PyGObject needs (plus its build dependencies)
+  gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good
+  gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav gstreamer1.0-x
+  gir1.2-gstreamer-1.0 gir1.2-gst-plugins-base-1.0 gir1.2-gst-plugins-bad-1.0
+  libgirepository1.0-dev libcairo2-dev
+  # real clients and the X tools the end-to-end tests drive them with
   xvfb xdotool imagemagick x11-utils
   virt-viewer spice-client-gtk
 )
