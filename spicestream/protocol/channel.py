@@ -138,8 +138,8 @@ class ChannelProtocol:
 
     def _count_for_ack(self, is_set_ack: bool = False) -> None:
         # spice-gtk counts every message after SET_ACK and sends ACK every `window` of them.
-        if is_set_ack or not self.acks.active:
-            return
+        if is_set_ack or not self.acks.active or self.acks.window <= 0:
+            return  # a zero window means "never ack", not a division by zero
         self.acks.received += 1
         if self.acks.received % self.acks.window == 0:
             self.send(CLIENT.ACK())

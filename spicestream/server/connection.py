@@ -80,22 +80,25 @@ class ChannelConnection(asyncio.Protocol):
 
     # -- link stage -----------------------------------------------------------------------
     def _receive_link(self, data: bytes) -> None:
-        for event in self.link.receive_data(data):
+        events = self.link.receive_data(data)
+        while events:
+            event = events.pop(0)
             if isinstance(event, LinkRequested):
                 error = self.core.check_link(event, self)
-                if error == LinkError.OK:
-                    self.link.accept(self.core.channel_caps(event.channel_type))
-                else:
+                if error != LinkError.OK:
                     self.link.reject(error)
                     self._write_link()
                     self.abort(f"link refused: {error.name}")
                     return
+                self.link.accept(self.core.channel_caps(event.channel_type))
+                # A client may send its auth word and ticket without waiting for our reply.
+                events += self.link.receive_data(b"")
             elif isinstance(event, TicketReceived):
-                error, session = self.core.authenticate(event.password, self.link.request, self)
+                error, session, reason = self.core.authenticate(event.password, self.link.request, self)
                 self.link.finish(error)
                 self._write_link()
                 if error != LinkError.OK:
-                    self.abort(f"link refused: {error.name}")
+                    self.abort(f"link refused: {error.name} ({reason})")
                     return
                 self._start_channel(session)
             elif isinstance(event, LinkFailed):

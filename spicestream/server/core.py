@@ -88,25 +88,23 @@ class ServerCore:
         return LinkError.OK
 
     def authenticate(self, password: bytes | None, request: LinkRequested, conn):
+        """Returns (link error, session, reason); the connection logs the refusal once."""
         if password is None:
-            log.warning("%s: ticket did not decrypt", conn.peer)
-            return LinkError.PERMISSION_DENIED, None
+            return LinkError.PERMISSION_DENIED, None, "ticket did not decrypt"
         # Compare in constant time; with ticketing disabled any ticket is accepted.
         if self.password is not None and not hmac.compare_digest(password, self.password):
-            log.warning("%s: wrong password", conn.peer)
-            return LinkError.PERMISSION_DENIED, None
+            return LinkError.PERMISSION_DENIED, None, "wrong password"
         if request.channel_type == ChannelType.MAIN:
             session_id = secrets.randbits(32) or 1
             while session_id in self.sessions:
                 session_id = secrets.randbits(32) or 1
             session = Session(session_id)
             self.sessions[session_id] = session
-            return LinkError.OK, session
+            return LinkError.OK, session, ""
         session = self.sessions.get(request.connection_id)
         if session is None:
-            log.warning("%s: unknown session id %08x", conn.peer, request.connection_id)
-            return LinkError.BAD_CONNECTION_ID, None
-        return LinkError.OK, session
+            return LinkError.BAD_CONNECTION_ID, None, f"unknown session id {request.connection_id:08x}"
+        return LinkError.OK, session, ""
 
     def make_handler(self, request: LinkRequested, session: Session, conn):
         handler = HANDLERS[ChannelType(request.channel_type)](self, session, conn, request)
