@@ -47,6 +47,15 @@ def wait_until(predicate: Callable[[], T], timeout: float, interval: float = 0.1
         time.sleep(interval)
 
 
+def _die_with_parent() -> None:
+    """preexec_fn: SIGTERM this child when the test process dies, even by SIGKILL (Linux)."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
 def _stop(proc: subprocess.Popen, grace: float = 3.0) -> None:
     """SIGTERM, then SIGKILL after `grace` seconds; always reaped. Only this process."""
     if proc.poll() is not None:
@@ -77,6 +86,8 @@ class XSession:
 
     # -- lifetime -----------------------------------------------------------------------------
     def start(self) -> "XSession":
+        if self.xvfb is not None:
+            return self
         try:
             self._start_xvfb()
         except BaseException:
@@ -95,18 +106,15 @@ class XSession:
                 proc = subprocess.Popen(
                     ["Xvfb", f":{number}", "-displayfd", str(write_fd), "-screen", "0",
                      f"{self.width}x{self.height}x24", "-nolisten", "tcp", "-noreset"],
-                    pass_fds=(write_fd,), stdin=subprocess.DEVNULL,
+                    pass_fds=(write_fd,), stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
                     stdout=subprocess.DEVNULL, stderr=self._log("xvfb"))
             finally:
                 os.close(write_fd)
             try:
-                # The display number is written once the server accepts connections; EOF means
-                # it died (most likely the display was taken between our check and its start).
-                ready, _, _ = select.select([read_fd], [], [], self.start_timeout)
-                data = os.read(read_fd, 64) if ready else b""
+                data = self._read_display_number(read_fd)
             finally:
                 os.close(read_fd)
-            if data.strip():
+            if data.strip() and proc.poll() is None:
                 self.xvfb = proc
                 self.display = f":{data.decode().strip()}"
                 self.env = dict(os.environ, DISPLAY=self.display)
@@ -115,6 +123,22 @@ class XSession:
             _stop(proc)
             errors.append(f":{number} (rc={proc.returncode})")
         raise RuntimeError("could not start Xvfb on any display: " + ", ".join(errors or ["all taken"]))
+
+    def _read_display_number(self, fd: int) -> bytes:
+        """Xvfb writes "N", then a newline, to -displayfd once it accepts connections, and dies if the
+        pipe is closed before the second write: read up to the newline. EOF means it exited
+        (most likely the display was taken between our check and its start)."""
+        data = b""
+        deadline = time.monotonic() + self.start_timeout
+        while not data.endswith(b"\n"):
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                return b""
+            chunk = os.read(fd, 64)
+            if not chunk:
+                break
+            data += chunk
+        return data if data.endswith(b"\n") else b""
 
     def close(self) -> None:
         for proc in reversed(self.procs):
@@ -146,7 +170,7 @@ class XSession:
         """Start a long-running X client on this display; stopped by `close()`."""
         proc = subprocess.Popen(args, env=self.env, stdin=subprocess.DEVNULL,
                                 stdout=self._log(name or Path(args[0]).name),
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
         self.procs.append(proc)
         return proc
 
@@ -225,12 +249,13 @@ class XSession:
     # -- pictures -----------------------------------------------------------------------------
     def screenshot(self) -> np.ndarray:
         """The whole screen as an (H, W, 3) uint8 RGB array."""
-        raw = subprocess.run(["import", "-silent", "-window", "root", "-depth", "8", "rgb:-"],
-                             env=self.env, capture_output=True, timeout=10, check=True).stdout
         expected = self.width * self.height * 3
-        if len(raw) != expected:
-            raise RuntimeError(f"screenshot: got {len(raw)} bytes, expected {expected}")
-        return np.frombuffer(raw, np.uint8).reshape(self.height, self.width, 3)
+        result = subprocess.run(["import", "-silent", "-window", "root", "-depth", "8", "rgb:-"],
+                                env=self.env, capture_output=True, timeout=10)
+        if result.returncode != 0 or len(result.stdout) != expected:
+            raise RuntimeError(f"screenshot failed (rc={result.returncode}, {len(result.stdout)} bytes "
+                               f"of {expected}): {result.stderr.decode(errors='replace').strip()}")
+        return np.frombuffer(result.stdout, np.uint8).reshape(self.height, self.width, 3)
 
     @staticmethod
     def save(shot: np.ndarray, path: str | os.PathLike) -> None:

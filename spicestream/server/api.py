@@ -43,6 +43,7 @@ class Server:
         self._core = ServerCore(self.display, None if password is None else password.encode(), name,
                                 codecs)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
         self._stopping: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -75,6 +76,7 @@ class Server:
         """Listen and serve until `stop()` is called (from any thread)."""
         loop = asyncio.get_running_loop()
         self._loop = loop
+        self._loop_thread = threading.current_thread()
         self._stopping = asyncio.Event()
         self.display.wake = self._wake
         listener = await loop.create_server(lambda: ChannelConnection(self._core), self.host, self.port)
@@ -102,7 +104,17 @@ class Server:
             self.display.tick()
 
     def stats(self) -> dict:
-        """Per display client: its stream's encoder and send statistics."""
+        """Per display client: its stream's encoder and send statistics. Callable from any
+        thread: the numbers are gathered on the server's loop, where they change."""
+        loop = self._loop
+        if loop is not None and loop.is_running() and threading.current_thread() is not self._loop_thread:
+            async def gather() -> dict:
+                return self._collect_stats()
+
+            return asyncio.run_coroutine_threadsafe(gather(), loop).result(5)
+        return self._collect_stats()
+
+    def _collect_stats(self) -> dict:
         out = {"clients": []}
         for channel in list(self._core.display_channels):
             entry = {"peer": channel.conn.peer, "bytes_sent": channel.bytes_sent}
