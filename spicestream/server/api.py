@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 
 from ..display.streams import MODES
 from ..display.surface import Display
@@ -23,6 +24,7 @@ from .core import ServerCore
 
 log = logging.getLogger("spicestream.server")
 TICK_S = 0.1
+STATS_LOG_S = 5.0
 
 
 class Server:
@@ -98,10 +100,18 @@ class Server:
             self._loop = None
 
     async def _tick(self) -> None:
-        # Streams end when their region goes still, also when the application stops drawing.
+        # Streams end when their region goes still, also when the application stops drawing;
+        # rate control samples the transports at the same pace.
+        last_log = time.monotonic()
         while True:
             await asyncio.sleep(TICK_S)
-            self.display.tick()
+            now = time.monotonic()
+            self.display.tick(now)
+            self._core.control_tick(now)
+            if now - last_log >= STATS_LOG_S and log.isEnabledFor(logging.DEBUG):
+                last_log = now
+                for client in self._collect_stats()["clients"]:
+                    log.debug("stats %s", client)
 
     def stats(self) -> dict:
         """Per display client: its stream's encoder and send statistics. Callable from any

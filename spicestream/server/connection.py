@@ -15,6 +15,7 @@ from ..protocol.channel import ChannelProtocol
 from ..protocol.constants import ChannelType, LinkError
 from ..protocol.link import LinkFailed, LinkRequested, ServerLink, TicketReceived
 from ..protocol.wire import ProtocolError
+from . import tcpinfo
 
 if TYPE_CHECKING:
     from .server import ServerCore
@@ -44,6 +45,9 @@ class ChannelConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "unix")
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        # Keep the kernel's unsent backlog small: what waits, waits in our buffer, where rate
+        # control sees it and frames can still be skipped.
+        tcpinfo.limit_unsent(transport.get_extra_info("socket"))
         self._link_timer = asyncio.get_running_loop().call_later(
             LINK_TIMEOUT_S, self.abort, "link stage timed out")
         self.core.connections.add(self)

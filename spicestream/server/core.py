@@ -38,7 +38,10 @@ HANDLERS = {
 }
 # Offered to clients in CHANNELS_LIST, in this order (main is implicit).
 OFFERED = [(ChannelType.DISPLAY, 0), (ChannelType.INPUTS, 0), (ChannelType.CURSOR, 0)]
-INIT_LATENCY_MS = 100  # how far the client's media clock runs behind ours (brief §4.4)
+# How far the client's media clock runs behind ours (brief §4.4). spice-server uses 400 ms
+# for every stream; we keep the clocks together and put the delay in each stream's stamps,
+# where the rate controller adapts it per client (video/ratecontrol.py, playout delay).
+INIT_LATENCY_MS = 0
 
 
 class Session:
@@ -134,6 +137,12 @@ class ServerCore:
     # -- display wake-up (called from any thread via the loop) ------------------------------
     def pump_displays(self) -> None:
         for channel in list(self.display_channels):
+            channel.writable()
+
+    def control_tick(self, now: float) -> None:
+        for channel in list(self.display_channels):
+            if channel.streams is not None:
+                channel.streams.control_tick(now)
             channel.writable()
 
     # -- application callbacks ----------------------------------------------------------------

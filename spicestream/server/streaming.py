@@ -13,15 +13,21 @@ at the built-in MJPEG. When the stream ends, its area is re-sent losslessly.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import secrets
+import time
 from dataclasses import dataclass, field
 
 from ..display.streams import StreamRegion
 from ..protocol.constants import DisplayCap, has_cap
 from ..protocol.messages import SERVER, Rect
+from ..video.codec import Codec
 from ..video.codec_list import CodecEntry
 from ..video.encoder import EncodedFrame, EncoderError, VideoEncoder
+from ..video.mjpeg import QUALITY_STEPS
+from ..video.ratecontrol import RateController
+from . import tcpinfo
 
 log = logging.getLogger("spicestream.streams")
 
@@ -29,6 +35,8 @@ STREAM_TOP_DOWN = 1
 REPORT_WINDOW = 5  # frames per client report (spice-server's value)
 REPORT_TIMEOUT_MS = 1000
 UNSUPPORTED_DROPS = 0xFFFFFFFF  # num_drops of a "cannot decode this stream" report
+STALL_KEY_FRAME_S = 1.0  # after this long without feeding the encoder, resume with a key frame
+RECENT_FRAMES = 512  # per-frame timings kept for stats and benchmarks
 BITS_PER_PIXEL_FRAME = 0.1  # starting bit rate: about 6 Mbit/s for 1080p at 30 fps...
 MIN_START_BIT_RATE = 2_000_000  # ...but never so low that a small region looks poor
 
@@ -39,11 +47,20 @@ class ActiveStream:
     entry: CodecEntry
     encoder: VideoEncoder
     unique_id: int
+    rate: RateController
     generation: int = -1  # display frame generation last handed to the encoder
+    seen_generation: int = -1  # newest generation offered to this stream
+    last_fed: float = 0.0
     errors: int = 0
+    frames_offered: int = 0
     frames_sent: int = 0
     bytes_sent: int = 0
     copied_bytes: int = 0
+    dropped: collections.Counter = field(default_factory=collections.Counter)
+    held: EncodedFrame | None = None  # encoded, waiting for the socket (newest only)
+    awaiting_key: bool = False  # an encoded frame was dropped: send nothing until a key frame
+    quality_index: int = len(QUALITY_STEPS) - 2
+    recent: collections.deque = field(default_factory=lambda: collections.deque(maxlen=RECENT_FRAMES))
     stats: dict = field(default_factory=dict)
 
 
@@ -59,6 +76,7 @@ class StreamSender:
         self.preferred: list[int] = []
         self.active: ActiveStream | None = None
         self._skip_region: int | None = None  # region id with no usable codec for us
+        self.last_rate: RateController | None = None  # of the previous stream, to start from
         self._loop = asyncio.get_running_loop()
         self.history: list[dict] = []  # ended streams' stats, newest last
 
@@ -73,6 +91,11 @@ class StreamSender:
             self._start(region)
 
     def _start(self, region: StreamRegion) -> None:
+        fps = max(1, min(60, round(self.display.fps)))
+        start = max(MIN_START_BIT_RATE, int(region.width * region.height * fps * BITS_PER_PIXEL_FRAME))
+        if self.last_rate is not None:  # what we learnt about this client's link still holds
+            start = min(start, self.last_rate.target)
+        rate = RateController(start, fps, time.monotonic())
         while True:
             entry = self.codecs.choose(self.caps, self.preferred, self.failed)
             if entry is None:
@@ -80,12 +103,13 @@ class StreamSender:
                 self._skip_region = region.stream_id
                 return
             try:
-                encoder = self._create_encoder(entry, region)
+                encoder = self._create_encoder(entry, region, rate.target, fps)
                 break
             except EncoderError as exc:
                 log.warning("%s: %s unusable, trying the next codec: %s", self.conn.peer, entry, exc)
                 self.failed.add(entry)
-        stream = ActiveStream(region, entry, encoder, secrets.randbits(32))
+        stream = ActiveStream(region, entry, encoder, secrets.randbits(32), rate,
+                              last_fed=time.monotonic())
         self.active = stream
         dest = Rect(top=region.y, left=region.x, bottom=region.y + region.height,
                     right=region.x + region.width)
@@ -101,17 +125,14 @@ class StreamSender:
         log.info("%s: stream %d %dx%d at %d,%d as %s (%s)", self.conn.peer, region.stream_id,
                  region.width, region.height, region.x, region.y, entry, encoder.element)
 
-    def _create_encoder(self, entry: CodecEntry, region: StreamRegion) -> VideoEncoder:
-        fps = max(1, min(60, round(self.display.fps)))
-        bit_rate = max(MIN_START_BIT_RATE, int(region.width * region.height * fps * BITS_PER_PIXEL_FRAME))
-
+    def _create_encoder(self, entry: CodecEntry, region: StreamRegion, bit_rate: int, fps: int) -> VideoEncoder:
         def on_frame(frame: EncodedFrame) -> None:  # encoder thread
             self._loop.call_soon_threadsafe(self._send_frame, encoder, frame)
 
         def on_error(message: str) -> None:  # any thread
             self._loop.call_soon_threadsafe(self._encoder_failed, encoder, message)
 
-        encoder = self.codecs.create(entry, region.width, region.height, bit_rate, on_frame, on_error)
+        encoder = self.codecs.create(entry, region.width, region.height, bit_rate, on_frame, on_error, fps)
         return encoder
 
     def end(self, lossless: bool) -> None:
@@ -120,6 +141,7 @@ class StreamSender:
         if stream is None:
             return
         stream.encoder.close()
+        self.last_rate = stream.rate
         stream.stats = self._stats_of(stream)
         self.history = (self.history + [stream.stats])[-8:]
         if not self.conn.closed:
@@ -137,26 +159,71 @@ class StreamSender:
 
     # -- frames ----------------------------------------------------------------------------
     def feed(self) -> None:
-        """Hand the newest frame to the encoder if it has room and the socket is open."""
+        """Hand the newest frame to the encoder, or skip it (counted, with the reason).
+
+        Frames are skipped *before* encoding while the link is congested, the socket is full
+        or the encoder is busy, so nothing queues up behind a slow client."""
         stream = self.active
-        if stream is None or not self.conn.can_send:
+        if stream is None:
             return
-        encoder = stream.encoder
-        if encoder.in_flight >= encoder.max_in_flight:
-            return
+        self._flush_held(stream)
         frame, generation, published = self.display.current()
         if generation == stream.generation:
+            return
+        fresh = generation != stream.seen_generation
+        if fresh:
+            stream.seen_generation = generation
+            stream.frames_offered += 1
+        reason = None
+        if not self.conn.can_send or stream.held is not None:
+            reason = "socket full"
+        elif stream.encoder.in_flight >= stream.encoder.max_in_flight:
+            reason = "encoder busy"
+        else:
+            reason = stream.rate.admit()
+        if reason is not None:
+            if fresh:
+                stream.dropped[reason] += 1
             return
         r = stream.region
         if frame.shape[:2] != (self.display.height, self.display.width):
             return
-        stream.generation = generation
-        encoder.encode(frame[r.y : r.y + r.height, r.x : r.x + r.width], self.core.mm_time_at(published))
+        now = time.monotonic()
+        if now - stream.last_fed > STALL_KEY_FRAME_S and stream.generation >= 0:
+            stream.encoder.force_key_frame()  # the client has waited: give it a fresh start
+        stream.generation, stream.last_fed = generation, now
+        stamp = self.core.mm_time_at(published) + int(stream.rate.playout_ms)
+        if stream.encoder.encode(frame[r.y : r.y + r.height, r.x : r.x + r.width], stamp & 0xFFFFFFFF or 1):
+            stream.recent.append({"stamp": stamp & 0xFFFFFFFF or 1, "capture": published})
 
     def _send_frame(self, encoder: VideoEncoder, frame: EncodedFrame) -> None:
         stream = self.active
         if stream is None or stream.encoder is not encoder or self.conn.closed:
             return  # a frame of a stream that has ended since
+        if stream.awaiting_key:
+            if not frame.key:
+                stream.dropped["awaiting key frame"] += 1
+                return
+            stream.awaiting_key = False
+        if stream.held is not None:
+            # The socket did not take the previous frame: the newer one supersedes it. Video
+            # codecs then need a key frame before anything decodes again.
+            stream.dropped["superseded"] += 1
+            stream.held = None
+            if not frame.key and stream.entry.codec != Codec.MJPEG:
+                stream.awaiting_key = True
+                stream.dropped["awaiting key frame"] += 1
+                encoder.force_key_frame()
+                return
+        stream.held = frame
+        self._flush_held(stream)
+        self.channel.writable()  # room in the encoder again: feed the newest frame
+
+    def _flush_held(self, stream: ActiveStream) -> None:
+        frame = stream.held
+        if frame is None or not self.conn.can_send:
+            return
+        stream.held = None
         r = stream.region
         if self.sized:
             dest = Rect(top=r.y, left=r.x, bottom=r.y + r.height, right=r.x + r.width)
@@ -169,7 +236,50 @@ class StreamSender:
         stream.frames_sent += 1
         stream.bytes_sent += len(frame.data)
         stream.copied_bytes += frame.copied_bytes
-        self.channel.writable()  # room in the encoder again: feed the newest frame
+        for entry in reversed(stream.recent):
+            if entry["stamp"] == frame.timestamp_ms:
+                entry.update(written=time.monotonic(), size=len(frame.data), key=frame.key,
+                             buffered=self.conn.transport.get_write_buffer_size())
+                break
+
+    # -- rate control ------------------------------------------------------------------------
+    def control_tick(self, now: float) -> None:
+        """Periodic (server tick): sample the transport, retune the encoder."""
+        stream = self.active
+        if stream is None or self.conn.closed:
+            return
+        info = tcpinfo.read(self.conn.transport.get_extra_info("socket"))
+        queue = self.conn.transport.get_write_buffer_size()
+        if info is not None:
+            queue += info.notsent_bytes
+            changed = stream.rate.on_sample(now, queue, info.bytes_acked, info.rtt_us / 1000,
+                                            info.min_rtt_us / 1000)
+        else:
+            changed = stream.rate.on_sample(now, queue)
+        if changed:
+            self._apply_rate(stream)
+        self._tune_quality(stream)
+
+    def _apply_rate(self, stream: ActiveStream) -> None:
+        stream.encoder.set_bit_rate(stream.rate.target)
+
+    def _tune_quality(self, stream: ActiveStream) -> None:
+        """MJPEG has no bit-rate target: step JPEG quality to fit the rate's per-frame budget."""
+        encoder = stream.encoder
+        if stream.entry.codec != Codec.MJPEG or not hasattr(encoder, "set_quality"):
+            return
+        info = encoder.stats()
+        sent = max(1, info["frames_out"])
+        average = info["bytes_out"] / sent
+        budget = stream.rate.target / 8 / stream.rate.fps
+        index = stream.quality_index
+        if average > budget * 1.1 and index > 0:
+            index -= 1
+        elif average < budget * 0.6 and index < len(QUALITY_STEPS) - 1:
+            index += 1
+        if index != stream.quality_index:
+            stream.quality_index = index
+            encoder.set_quality(QUALITY_STEPS[index])
 
     # -- failures and client feedback ------------------------------------------------------
     def _encoder_failed(self, encoder: VideoEncoder, message: str) -> None:
@@ -181,7 +291,8 @@ class StreamSender:
         if stream.errors == 1:
             log.warning("%s: %s failed (%s); rebuilding it once", self.conn.peer, stream.entry, message)
             try:
-                stream.encoder = self._create_encoder(stream.entry, stream.region)
+                stream.encoder = self._create_encoder(stream.entry, stream.region, stream.rate.target,
+                                                      round(stream.rate.fps))
                 stream.generation = -1  # the new encoder starts with a key frame of the newest frame
                 self.channel.writable()
                 return
@@ -205,6 +316,9 @@ class StreamSender:
             self.channel.writable()
             return
         stream.stats["last_report"] = message._asdict()
+        if stream.rate.on_report(time.monotonic(), message.num_frames, message.num_drops,
+                                 message.last_frame_delay):
+            self._apply_rate(stream)
 
     def set_preferred(self, codecs: list[int]) -> None:
         self.preferred = list(codecs)
@@ -217,11 +331,20 @@ class StreamSender:
     # -- stats ---------------------------------------------------------------------------------
     def _stats_of(self, stream: ActiveStream) -> dict:
         info = stream.encoder.stats()
+        info.update(stream.rate.summary())
         info.update(stream_id=stream.region.stream_id, codec_entry=str(stream.entry),
-                    frames_sent=stream.frames_sent, bytes_sent=stream.bytes_sent,
+                    frames_offered=stream.frames_offered, frames_sent=stream.frames_sent,
+                    dropped=dict(stream.dropped), bytes_sent=stream.bytes_sent,
                     copied_bytes=stream.copied_bytes, region=stream.region.rect,
-                    copied_bytes_per_frame=stream.copied_bytes / max(1, stream.frames_sent))
+                    copied_bytes_per_frame=stream.copied_bytes / max(1, stream.frames_sent),
+                    last_report=stream.stats.get("last_report"))
+        if stream.entry.codec == Codec.MJPEG:
+            info["quality"] = QUALITY_STEPS[stream.quality_index]
         return info
+
+    def recent_frames(self) -> list[dict]:
+        """Per-frame timings (stamp, capture, written, size) of the active stream."""
+        return [dict(e) for e in self.active.recent] if self.active else []
 
     def stats(self) -> dict:
         return {"active": self._stats_of(self.active) if self.active else None,

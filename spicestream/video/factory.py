@@ -45,7 +45,7 @@ class VideoCodecs:
         return choose_codec(self.entries, display_caps, self.usable, preferred, failed)
 
     def create(self, entry: CodecEntry, width: int, height: int, bit_rate: int,
-               on_frame, on_error) -> VideoEncoder:
+               on_frame, on_error, fps: int = 30) -> VideoEncoder:
         """Create an encoder for `entry`, trying its usable elements in order."""
         errors = []
         for result in self.elements_for(entry):
@@ -56,7 +56,7 @@ class VideoCodecs:
                     return MjpegEncoder(entry.codec, width, height, bit_rate, on_frame, on_error)
                 from .gst_encoder import GstEncoder
 
-                return GstEncoder(BY_NAME[result.element], width, height, bit_rate, on_frame, on_error)
+                return GstEncoder(BY_NAME[result.element], width, height, bit_rate, on_frame, on_error, fps)
             except (EncoderError, RuntimeError, ValueError) as exc:
                 errors.append(f"{result.element}: {exc}")
                 log.warning("cannot create %s encoder: %s", result.element, exc)

@@ -1,0 +1,162 @@
+"""Rate control for one client's stream: how many bits per second, when to skip a frame,
+and how far ahead of the client's clock to stamp frames. Pure logic, times passed in.
+
+Inputs, each optional:
+  - transport samples (`on_sample`): bytes the peer acknowledged so far (TCP_INFO), our own
+    backlog (user space + kernel unsent), the TCP round-trip time and its minimum;
+  - client stream reports (`on_report`, brief §5.10.7): late frames and the margin of the
+    last frame (its stamp minus the client's clock when it arrived).
+
+Like spice-server's controller it increases gently and decreases fast (AIMD), but it reacts
+to queueing delay itself (RTT above its minimum, plus our backlog) within a few hundred
+milliseconds instead of waiting for a 300 ms virtual buffer to overflow, and it sets the
+rate from what the link actually delivered when it had to cut.
+
+The playout delay is the offset added to a frame's capture time to make its stamp; it is
+steered so the client's margin sits near one frame interval: frames are shown about one
+frame after they arrive, and nothing grows over time.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+
+MIN_BIT_RATE = 128_000
+MAX_BIT_RATE = 60_000_000
+QUEUE_HIGH_S = 0.060  # queueing delay that triggers a decrease
+QUEUE_LOW_S = 0.020  # below this, the link has room
+DECREASE_HOLDOFF_S = 0.25  # let a cut take effect before cutting again
+INCREASE_INTERVAL_S = 0.5
+INCREASE_FACTOR = 1.08
+DECREASE_FACTOR = 0.85  # of the delivered rate, when known
+BLIND_DECREASE_FACTOR = 0.7  # of the target, when it is not
+SKIP_QUEUE_S = 0.100  # skip frames before encoding while this much is queued
+BANDWIDTH_WINDOW_S = 1.0
+PLAYOUT_MIN_MS, PLAYOUT_MAX_MS = 5.0, 2000.0
+
+
+@dataclass
+class RateStats:
+    decreases: int = 0
+    increases: int = 0
+    skipped: dict = field(default_factory=collections.Counter)
+
+
+class RateController:
+    def __init__(self, start_bit_rate: int, fps: float, now: float,
+                 min_bit_rate: int = MIN_BIT_RATE, max_bit_rate: int = MAX_BIT_RATE,
+                 encode_ms: float = 10.0):
+        self.min_bit_rate, self.max_bit_rate = min_bit_rate, max_bit_rate
+        self.target = self._clamp(start_bit_rate)
+        self.fps = max(1.0, fps)
+        self.bandwidth: float | None = None  # bit/s delivered while the link was the limit
+        self.queue_delay = 0.0  # seconds, latest estimate
+        self.queue_bytes = 0
+        self.stats = RateStats()
+        self._acked: collections.deque = collections.deque()  # (now, bytes_acked)
+        self._last_decrease = -1e9
+        self._last_change = now
+        # Margin we aim for at the client: one frame interval (never under 10 ms).
+        self.target_margin_ms = max(10.0, 1000.0 / self.fps)
+        self.playout_ms = self.target_margin_ms + encode_ms + 10.0
+        self.last_margin_ms: float | None = None
+
+    @property
+    def frame_interval(self) -> float:
+        return 1.0 / self.fps
+
+    def _clamp(self, rate: float) -> int:
+        return int(min(self.max_bit_rate, max(self.min_bit_rate, rate)))
+
+    # -- transport ----------------------------------------------------------------------------
+    def on_sample(self, now: float, queue_bytes: int, bytes_acked: int | None = None,
+                  rtt_ms: float | None = None, min_rtt_ms: float | None = None) -> bool:
+        """Account one transport sample; True if the target changed."""
+        self.queue_bytes = queue_bytes
+        network_queue = 0.0
+        if rtt_ms is not None and min_rtt_ms is not None:
+            network_queue = max(0.0, rtt_ms - min_rtt_ms) / 1000.0
+        delivered = self._delivered_rate(now, bytes_acked)
+        backlogged = queue_bytes > 0 or network_queue > QUEUE_LOW_S
+        if delivered is not None and backlogged:
+            # Only a sample taken while data was waiting measures the link, not our pace.
+            self.bandwidth = delivered if self.bandwidth is None else 0.7 * self.bandwidth + 0.3 * delivered
+        drain_rate = max(self.bandwidth or self.target, self.min_bit_rate)
+        self.queue_delay = network_queue + queue_bytes * 8 / drain_rate
+        if self.queue_delay > QUEUE_HIGH_S:
+            return self._decrease(now, delivered)
+        if self.queue_delay < QUEUE_LOW_S and now - self._last_change >= INCREASE_INTERVAL_S:
+            return self._increase(now)
+        return False
+
+    def _delivered_rate(self, now: float, bytes_acked: int | None) -> float | None:
+        if bytes_acked is None:
+            return None
+        self._acked.append((now, bytes_acked))
+        while len(self._acked) > 2 and now - self._acked[1][0] >= BANDWIDTH_WINDOW_S:
+            self._acked.popleft()
+        (t0, b0), (t1, b1) = self._acked[0], self._acked[-1]
+        if t1 - t0 < 0.2:
+            return None
+        return (b1 - b0) * 8 / (t1 - t0)
+
+    def _decrease(self, now: float, delivered: float | None) -> bool:
+        if now - self._last_decrease < DECREASE_HOLDOFF_S:
+            return False
+        basis = self.bandwidth if self.bandwidth is not None else delivered
+        if basis is not None and basis < self.target:
+            new = basis * DECREASE_FACTOR
+        else:
+            new = self.target * BLIND_DECREASE_FACTOR
+        self._last_decrease = self._last_change = now
+        return self._set(new, decrease=True)
+
+    def _increase(self, now: float) -> bool:
+        self._last_change = now
+        return self._set(self.target * INCREASE_FACTOR, decrease=False)
+
+    def _set(self, rate: float, decrease: bool) -> bool:
+        new = self._clamp(rate)
+        if new == self.target:
+            return False
+        self.target = new
+        if decrease:
+            self.stats.decreases += 1
+        else:
+            self.stats.increases += 1
+        return True
+
+    # -- client reports ---------------------------------------------------------------------------
+    def on_report(self, now: float, num_frames: int, num_drops: int, last_frame_delay_ms: int) -> bool:
+        """A STREAM_REPORT; True if the target changed. Also steers the playout delay."""
+        margin = float(last_frame_delay_ms)
+        self.last_margin_ms = margin
+        if num_drops > 0 or margin < 0:
+            # Late frames: stamp later at once (the shortfall plus half a frame of slack)...
+            self.playout_ms += max(0.0, -margin) + self.target_margin_ms / 2
+        elif margin > 1.5 * self.target_margin_ms:
+            # ...and come back slowly when frames arrive with time to spare.
+            self.playout_ms -= (margin - self.target_margin_ms) * 0.25
+        self.playout_ms = min(PLAYOUT_MAX_MS, max(PLAYOUT_MIN_MS, self.playout_ms))
+        if num_drops > 0 and num_frames > 0 and num_drops * 4 >= num_frames:
+            return self._decrease(now, None)  # a quarter late: the link or decoder can't keep up
+        return False
+
+    # -- frames ---------------------------------------------------------------------------------
+    def admit(self) -> str | None:
+        """None to encode the next frame now, or why it is skipped before encoding."""
+        if self.queue_delay > SKIP_QUEUE_S:
+            self.stats.skipped["congested"] += 1
+            return "congested"
+        return None
+
+    def skipped(self, reason: str) -> None:
+        self.stats.skipped[reason] += 1
+
+    def summary(self) -> dict:
+        return {"bit_rate": self.target, "bandwidth_estimate": None if self.bandwidth is None else int(self.bandwidth),
+                "queue_delay_ms": round(self.queue_delay * 1000, 1), "queue_bytes": self.queue_bytes,
+                "playout_ms": round(self.playout_ms, 1), "last_margin_ms": self.last_margin_ms,
+                "decreases": self.stats.decreases, "increases": self.stats.increases,
+                "skipped": dict(self.stats.skipped)}
