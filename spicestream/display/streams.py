@@ -42,13 +42,17 @@ class StreamRegion:
     def rect(self) -> tuple[int, int, int, int]:
         return (self.x, self.y, self.width, self.height)
 
-    def tile_mask(self, shape: tuple[int, int]) -> np.ndarray:
-        """Tiles wholly inside the region (their damage is carried by the stream)."""
-        mask = np.zeros(shape, bool)
-        c0, r0 = -(-self.x // TILE), -(-self.y // TILE)
-        c1, r1 = (self.x + self.width) // TILE, (self.y + self.height) // TILE
-        mask[r0:r1, c0:c1] = True
-        return mask
+    def tile_mask(self, width: int, height: int) -> np.ndarray:
+        """Tiles whose on-surface part lies wholly inside the region (their damage is carried
+        by the stream); edge tiles cut by the surface border count by their visible part."""
+        rows, cols = -(-height // TILE), -(-width // TILE)
+        x0 = np.arange(cols) * TILE
+        x1 = np.minimum(x0 + TILE, width)
+        y0 = np.arange(rows) * TILE
+        y1 = np.minimum(y0 + TILE, height)
+        inside_x = (x0 >= self.x) & (x1 <= self.x + self.width)
+        inside_y = (y0 >= self.y) & (y1 <= self.y + self.height)
+        return inside_y[:, None] & inside_x[None, :]
 
 
 class StreamDetector:

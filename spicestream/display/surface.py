@@ -33,22 +33,26 @@ class ClientView:
         self.surface_size: tuple[int, int] | None = None  # size of the surface the client has
         self.stream_mask: np.ndarray | None = None  # tiles this client receives as video
 
-    def take(self) -> tuple[np.ndarray, tuple[int, int], bool, list[Rect]]:
-        """Return (frame, size, resized, rects) and clear the pending damage.
+    def new_surface(self) -> tuple[int, int] | None:
+        """The display's size if the client's surface is stale (then everything is damaged)."""
+        with self.display.lock:
+            size = (self.display.width, self.display.height)
+            if self.surface_size == size:
+                return None
+            self.surface_size = size
+            self.stream_mask = None
+            self.damage.add_all()
+            return size
+
+    def take(self) -> tuple[np.ndarray, list[Rect]]:
+        """Return (frame, rects) and clear the pending damage.
 
         Damage on tiles carried by the client's video stream is dropped here: the stream's
         next frame covers it."""
         with self.display.lock:
-            d = self.display
-            size = (d.width, d.height)
-            resized = self.surface_size != size
-            if resized:  # a new surface: everything on it is to be drawn
-                self.surface_size = size
-                self.stream_mask = None
-                self.damage.add_all()
-            elif self.stream_mask is not None:
+            if self.stream_mask is not None:
                 self.damage.cells &= ~self.stream_mask
-            return d.frame, size, resized, self.damage.take_rects()
+            return self.display.frame, self.damage.take_rects()
 
     @property
     def pending(self) -> bool:

@@ -124,6 +124,20 @@ class Server:
             return asyncio.run_coroutine_threadsafe(gather(), loop).result(5)
         return self._collect_stats()
 
+    def frame_timings(self) -> list[list[dict]]:
+        """Per display client, its active stream's recent frames: stamp, capture (monotonic
+        time of display.update), written (monotonic time handed to the socket), size, key."""
+        def collect() -> list[list[dict]]:
+            return [c.streams.recent_frames() if c.streams else [] for c in self._core.display_channels]
+
+        loop = self._loop
+        if loop is not None and loop.is_running() and threading.current_thread() is not self._loop_thread:
+            async def gather():
+                return collect()
+
+            return asyncio.run_coroutine_threadsafe(gather(), loop).result(5)
+        return collect()
+
     def _collect_stats(self) -> dict:
         out = {"clients": []}
         for channel in list(self._core.display_channels):

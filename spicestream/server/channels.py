@@ -122,21 +122,22 @@ class DisplayChannel(ChannelHandler):
         high-water mark is at most one frame's worth of rectangles.
         """
         conn = self.conn
-        if self.streams is not None and self.marked and conn.can_send:
-            self.streams.sync()
         while conn.can_send and self.view.pending:
-            frame, (width, height), resized, rects = self.view.take()
-            if resized:
+            size = self.view.new_surface()
+            if size is not None:
                 if self.streams is not None:
                     self.streams.end(lossless=False)
-                self._new_surface(width, height)
+                self._new_surface(*size)
+            if self.streams is not None:
+                self.streams.sync()  # first: a stream's area needs no lossless update
+            frame, rects = self.view.take()
             for x, y, w, h in rects:
                 self._draw_copy(frame, x, y, w, h)
             if not self.marked:
                 conn.send(SERVER.DISPLAY_MARK())
                 self.marked = True
             conn.flush()
-        if self.streams is not None and self.marked:
+        if self.streams is not None and self.has_surface:
             self.streams.sync()
             self.streams.feed()
             conn.flush()

@@ -121,7 +121,7 @@ class StreamSender:
             self.conn.send(SERVER.DISPLAY_STREAM_ACTIVATE_REPORT(
                 region.stream_id, stream.unique_id, REPORT_WINDOW, REPORT_TIMEOUT_MS))
         with self.display.lock:
-            self.channel.view.stream_mask = region.tile_mask(self.channel.view.damage.cells.shape)
+            self.channel.view.stream_mask = region.tile_mask(self.display.width, self.display.height)
         log.info("%s: stream %d %dx%d at %d,%d as %s (%s)", self.conn.peer, region.stream_id,
                  region.width, region.height, region.x, region.y, entry, encoder.element)
 
@@ -180,7 +180,7 @@ class StreamSender:
         elif stream.encoder.in_flight >= stream.encoder.max_in_flight:
             reason = "encoder busy"
         else:
-            reason = stream.rate.admit()
+            reason = stream.rate.admit(time.monotonic())
         if reason is not None:
             if fresh:
                 stream.dropped[reason] += 1
@@ -235,6 +235,7 @@ class StreamSender:
         self.conn.flush()
         stream.frames_sent += 1
         stream.bytes_sent += len(frame.data)
+        stream.rate.on_sent(time.monotonic(), len(frame.data))
         stream.copied_bytes += frame.copied_bytes
         for entry in reversed(stream.recent):
             if entry["stamp"] == frame.timestamp_ms:
@@ -253,7 +254,7 @@ class StreamSender:
         if info is not None:
             queue += info.notsent_bytes
             changed = stream.rate.on_sample(now, queue, info.bytes_acked, info.rtt_us / 1000,
-                                            info.min_rtt_us / 1000)
+                                            info.min_rtt_us / 1000, info.unacked_segments > 0)
         else:
             changed = stream.rate.on_sample(now, queue)
         if changed:

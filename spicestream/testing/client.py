@@ -72,7 +72,8 @@ class TestClient:
 
     def __init__(self, host: str, port: int, password: str | None = None,
                  display_caps=DEFAULT_DISPLAY_CAPS, channels=(Ch.DISPLAY, Ch.INPUTS, Ch.CURSOR),
-                 mini_header: bool = True, main_caps=(), decode_streams: bool = True):
+                 mini_header: bool = True, main_caps=(), decode_streams: bool = True,
+                 send_reports: bool = True, log_limit: int = 200):
         self.host, self.port, self.password = host, port, password
         self.display_caps, self.wanted, self.main_caps = display_caps, channels, main_caps
         self.common_caps = (CommonCap.PROTOCOL_AUTH_SELECTION,) + (
@@ -90,6 +91,10 @@ class TestClient:
         self.decode_streams = decode_streams
         self.streams: dict[int, dict] = {}  # id -> {"create": msg, "decoder": ..., "frames": n}
         self.stream_log: list[dict] = []  # one entry per received stream frame
+        self.log_limit = log_limit
+        self.send_reports = send_reports
+        self.reports_sent = 0
+        self._mm_base: tuple[int, float] | None = None  # (server mm-time, our monotonic then)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
@@ -113,6 +118,15 @@ class TestClient:
     def send(self, channel_type: int, message) -> None:
         channel = self.channels[channel_type]
         self._loop.call_soon_threadsafe(channel.send, message)
+
+    def stall(self, channel_type: int = Ch.DISPLAY) -> None:
+        """Stop reading a channel's socket (a client that hangs); `resume` undoes it."""
+        transport = self.channels[channel_type].writer.transport
+        self._loop.call_soon_threadsafe(transport.pause_reading)
+
+    def resume(self, channel_type: int = Ch.DISPLAY) -> None:
+        transport = self.channels[channel_type].writer.transport
+        self._loop.call_soon_threadsafe(transport.resume_reading)
 
     def key(self, scancode: int) -> None:
         """Press and release a key the way spice-gtk does for a quick tap (KEY_SCANCODE)."""
@@ -174,8 +188,15 @@ class TestClient:
         kind = type(message)
         if kind is SERVER.MAIN_INIT:
             self.session_id = message.session_id
-            self.mm_time = message.multi_media_time
+            self._mm_base = (message.multi_media_time, time.monotonic())
             self.channels[Ch.MAIN].send(CLIENT.MAIN_ATTACH_CHANNELS())
+        elif kind is SERVER.MAIN_MULTI_MEDIA_TIME:
+            self._mm_base = (message.time, time.monotonic())
+        elif kind is SERVER.DISPLAY_STREAM_ACTIVATE_REPORT:
+            stream = self.streams.get(message.stream_id)
+            if stream is not None:
+                stream["report"] = {"unique_id": message.unique_id, "window": message.max_window_size,
+                                    "frames": 0, "drops": 0, "start": None}
         elif kind is SERVER.MAIN_CHANNELS_LIST:
             if not self._channels_list.done():
                 self._channels_list.set_result(message.channels)
@@ -225,8 +246,11 @@ class TestClient:
         if stream is None:
             raise AssertionError(f"data for unknown stream {m.id}")
         stream["frames"] += 1
-        entry = {"id": m.id, "mm_time": m.multi_media_time, "arrival": time.monotonic(),
-                 "size": len(m.data), "picture": None}
+        arrival = time.monotonic()
+        margin = self._margin(m.multi_media_time, arrival)
+        entry = {"id": m.id, "mm_time": m.multi_media_time, "arrival": arrival,
+                 "size": len(m.data), "picture": None, "margin_ms": margin}
+        self._report(m, stream, margin)
         dest = getattr(m, "dest", None) or stream["create"].dest
         if stream["decoder"] is not None:
             picture = stream["decoder"].decode(m.data)
@@ -236,4 +260,31 @@ class TestClient:
                 if picture.shape[:2] == (h, w):
                     self.frame[dest.top : dest.bottom, dest.left : dest.right] = picture
         self.stream_log.append(entry)
-        del self.stream_log[:-200]  # bounded: tests look at recent frames
+        del self.stream_log[: -self.log_limit]  # bounded: tests look at recent frames
+
+    def client_mm_time(self, now: float) -> int:
+        """The client's media clock, as spice-gtk keeps it: last value + elapsed time."""
+        base, at = self._mm_base
+        return (base + int((now - at) * 1000)) & 0xFFFFFFFF
+
+    def _margin(self, stamp: int, now: float) -> int | None:
+        if self._mm_base is None:
+            return None
+        diff = (stamp - self.client_mm_time(now)) & 0xFFFFFFFF
+        return diff - (1 << 32) if diff & 0x80000000 else diff
+
+    def _report(self, m, stream: dict, margin: int | None) -> None:
+        """STREAM_REPORT every `window` frames, as spice-gtk does (brief §5.10.7)."""
+        report = stream.get("report")
+        if not self.send_reports or report is None or margin is None:
+            return
+        report["frames"] += 1
+        report["drops"] += margin < 0
+        if report["start"] is None:
+            report["start"] = m.multi_media_time
+        if report["frames"] >= report["window"]:
+            self.channels[Ch.DISPLAY].send(CLIENT.DISPLAY_STREAM_REPORT(
+                m.id, report["unique_id"], report["start"], m.multi_media_time, report["frames"],
+                report["drops"], margin, 0xFFFFFFFF))
+            self.reports_sent += 1
+            report.update(frames=0, drops=0, start=None)

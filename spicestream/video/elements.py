@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 from .codec import Codec
 
-KEY_INTERVAL = 120  # frames between periodic key frames; late joiners get forced ones
+KEY_INTERVAL = 600  # frames between periodic key frames (20 s at 30 fps): each is a burst on
+# a slow link, and late joiners, stalls and drops get forced ones when they need them
+VBV_MS = 150  # rate-control buffer: no frame much larger than this much of the bit rate
 
 
 @dataclass(frozen=True)
@@ -58,9 +60,13 @@ ELEMENTS: list[ElementSpec] = [
     ElementSpec("msdkh265enc", Codec.H265, f"async-depth=1 rate-control=cbr b-frames=0 "
                 f"target-usage=7 gop-size={KEY_INTERVAL}", "bitrate", 1000, True, "NV12", H265_CAPS),
     # -- software ------------------------------------------------------------------------
+    # vbv-buf-capacity bounds any one frame (key frames included) to ~VBV_MS of the bit
+    # rate: a key frame that takes half a second to send on a slow link is half a second of
+    # latency.
     ElementSpec("x264enc", Codec.H264, f"tune=zerolatency speed-preset=ultrafast bframes=0 "
                 f"rc-lookahead=0 sync-lookahead=0 byte-stream=true aud=true sliced-threads=true "
-                f"threads=2 key-int-max={KEY_INTERVAL}", "bitrate", 1000, output_caps=H264_CAPS),
+                f"threads=2 key-int-max={KEY_INTERVAL} vbv-buf-capacity={VBV_MS}", "bitrate", 1000,
+                output_caps=H264_CAPS),
     ElementSpec("openh264enc", Codec.H264, f"complexity=low rate-control=bitrate "
                 f"gop-size={KEY_INTERVAL} usage-type=screen", "bitrate", 1, output_caps=H264_CAPS),
     ElementSpec("vp8enc", Codec.VP8, f"deadline=1 cpu-used=16 lag-in-frames=0 end-usage=cbr "
@@ -72,7 +78,8 @@ ELEMENTS: list[ElementSpec] = [
                 f"buffer-initial-size=100 buffer-optimal-size=120 buffer-size=150",
                 "target-bitrate", 1),
     ElementSpec("x265enc", Codec.H265, f"tune=zerolatency speed-preset=ultrafast "
-                f"key-int-max={KEY_INTERVAL} option-string=bframes=0:rc-lookahead=0:aud=1:repeat-headers=1",
+                f"key-int-max={KEY_INTERVAL} option-string=bframes=0:rc-lookahead=0:aud=1:"
+                f"repeat-headers=1:vbv-bufsize={VBV_MS}:vbv-maxrate=0",
                 "bitrate", 1000, output_caps=H265_CAPS),
     # JPEG is full-range YCbCr: fed I420 (limited range) it would decode washed out, so
     # jpegenc gets BGRx and libjpeg converts.

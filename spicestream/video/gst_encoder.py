@@ -155,8 +155,9 @@ class GstEncoder(VideoEncoder):
     def force_key_frame(self) -> None:
         if self.closed:
             return
+        # An upstream event, sent from the sink element: it travels up to the encoder.
         event = GstVideo.video_event_new_upstream_force_key_unit(Gst.CLOCK_TIME_NONE, True, 0)
-        self.sink.get_static_pad("sink").send_event(event)
+        self.sink.send_event(event)
 
     def close(self) -> None:
         if self.closed:

@@ -28,10 +28,15 @@ QUEUE_HIGH_S = 0.060  # queueing delay that triggers a decrease
 QUEUE_LOW_S = 0.020  # below this, the link has room
 DECREASE_HOLDOFF_S = 0.25  # let a cut take effect before cutting again
 INCREASE_INTERVAL_S = 0.5
-INCREASE_FACTOR = 1.08
+INCREASE_FACTOR = 1.03  # probing above what the link is known to carry: gently
+CATCH_UP = 0.5  # below it: close half the gap to HEADROOM x bandwidth per interval
+HEADROOM = 0.85
 DECREASE_FACTOR = 0.85  # of the delivered rate, when known
 BLIND_DECREASE_FACTOR = 0.7  # of the target, when it is not
+FLOOR_OF_BANDWIDTH = 0.5  # a cut never goes below this share of the measured bandwidth
+USED_SHARE = 0.7  # raise the target only while the encoder uses this much of it
 SKIP_QUEUE_S = 0.100  # skip frames before encoding while this much is queued
+MAX_SKIP_S = 0.5
 BANDWIDTH_WINDOW_S = 1.0
 PLAYOUT_MIN_MS, PLAYOUT_MAX_MS = 5.0, 2000.0
 
@@ -55,12 +60,17 @@ class RateController:
         self.queue_bytes = 0
         self.stats = RateStats()
         self._acked: collections.deque = collections.deque()  # (now, bytes_acked)
+        self._sent: collections.deque = collections.deque()  # (now, frame bytes)
         self._last_decrease = -1e9
+        self._queue_at_cut = 0.0
+        self._last_admitted = now
         self._last_change = now
         # Margin we aim for at the client: one frame interval (never under 10 ms).
         self.target_margin_ms = max(10.0, 1000.0 / self.fps)
         self.playout_ms = self.target_margin_ms + encode_ms + 10.0
         self.last_margin_ms: float | None = None
+        self.rtt_ms: float | None = None
+        self.min_rtt_ms: float | None = None
 
     @property
     def frame_interval(self) -> float:
@@ -71,24 +81,49 @@ class RateController:
 
     # -- transport ----------------------------------------------------------------------------
     def on_sample(self, now: float, queue_bytes: int, bytes_acked: int | None = None,
-                  rtt_ms: float | None = None, min_rtt_ms: float | None = None) -> bool:
-        """Account one transport sample; True if the target changed."""
+                  rtt_ms: float | None = None, min_rtt_ms: float | None = None,
+                  in_flight: bool = True) -> bool:
+        """Account one transport sample; True if the target changed. `in_flight`: data is
+        sent but not yet acknowledged (the RTT is only news while something is in flight)."""
         self.queue_bytes = queue_bytes
+        self.rtt_ms, self.min_rtt_ms = rtt_ms, min_rtt_ms
         network_queue = 0.0
-        if rtt_ms is not None and min_rtt_ms is not None:
+        if rtt_ms is not None and min_rtt_ms is not None and (in_flight or queue_bytes):
             network_queue = max(0.0, rtt_ms - min_rtt_ms) / 1000.0
         delivered = self._delivered_rate(now, bytes_acked)
         backlogged = queue_bytes > 0 or network_queue > QUEUE_LOW_S
         if delivered is not None and backlogged:
-            # Only a sample taken while data was waiting measures the link, not our pace.
+            # A sample taken while data was waiting measures the link, not our pace...
             self.bandwidth = delivered if self.bandwidth is None else 0.7 * self.bandwidth + 0.3 * delivered
+        elif delivered is not None and self.bandwidth is not None and delivered > self.bandwidth:
+            # ...and whatever the link did deliver, it can carry: a floor that lets the
+            # estimate follow a link that got faster.
+            self.bandwidth = delivered
         drain_rate = max(self.bandwidth or self.target, self.min_bit_rate)
         self.queue_delay = network_queue + queue_bytes * 8 / drain_rate
         if self.queue_delay > QUEUE_HIGH_S:
             return self._decrease(now, delivered)
-        if self.queue_delay < QUEUE_LOW_S and now - self._last_change >= INCREASE_INTERVAL_S:
+        if (self.queue_delay < QUEUE_LOW_S and now - self._last_change >= INCREASE_INTERVAL_S
+                and self._using_allowance(now)):
             return self._increase(now)
         return False
+
+    def on_sent(self, now: float, nbytes: int) -> None:
+        """A frame of `nbytes` went to the socket (measures what the encoder really uses)."""
+        self._sent.append((now, nbytes))
+        while self._sent and now - self._sent[0][0] > BANDWIDTH_WINDOW_S:
+            self._sent.popleft()
+
+    def sent_rate(self, now: float) -> float:
+        if len(self._sent) < 2:
+            return 0.0
+        span = max(now - self._sent[0][0], 1.0 / self.fps)
+        return sum(n for _, n in self._sent) * 8 / span
+
+    def _using_allowance(self, now: float) -> bool:
+        # Raising a target the encoder does not reach (easy content) would only inflate it
+        # until the next hard scene overshoots the link; spice-server checks the same.
+        return self.sent_rate(now) >= USED_SHARE * self.target
 
     def _delivered_rate(self, now: float, bytes_acked: int | None) -> float | None:
         if bytes_acked is None:
@@ -102,19 +137,29 @@ class RateController:
         return (b1 - b0) * 8 / (t1 - t0)
 
     def _decrease(self, now: float, delivered: float | None) -> bool:
-        if now - self._last_decrease < DECREASE_HOLDOFF_S:
+        # The queue takes about its own delay to drain after a cut: cutting again before that
+        # would react to the same backlog twice and undershoot.
+        if now - self._last_decrease < max(DECREASE_HOLDOFF_S, self._queue_at_cut):
             return False
         basis = self.bandwidth if self.bandwidth is not None else delivered
         if basis is not None and basis < self.target:
             new = basis * DECREASE_FACTOR
         else:
             new = self.target * BLIND_DECREASE_FACTOR
+        if self.bandwidth is not None:
+            new = max(new, self.bandwidth * FLOOR_OF_BANDWIDTH)
         self._last_decrease = self._last_change = now
-        return self._set(new, decrease=True)
+        self._queue_at_cut = self.queue_delay
+        return self._set(min(new, self.target), decrease=True)
 
     def _increase(self, now: float) -> bool:
         self._last_change = now
-        return self._set(self.target * INCREASE_FACTOR, decrease=False)
+        known = None if self.bandwidth is None else self.bandwidth * HEADROOM
+        if known is not None and self.target < known:
+            new = self.target + (known - self.target) * CATCH_UP
+        else:
+            new = self.target * INCREASE_FACTOR
+        return self._set(max(new, self.target * INCREASE_FACTOR), decrease=False)
 
     def _set(self, rate: float, decrease: bool) -> bool:
         new = self._clamp(rate)
@@ -144,19 +189,23 @@ class RateController:
         return False
 
     # -- frames ---------------------------------------------------------------------------------
-    def admit(self) -> str | None:
-        """None to encode the next frame now, or why it is skipped before encoding."""
-        if self.queue_delay > SKIP_QUEUE_S:
+    def admit(self, now: float) -> str | None:
+        """None to encode the next frame now, or why it is skipped before encoding. At least
+        one frame per MAX_SKIP_S goes through, so the link is never left without a probe."""
+        if self.queue_delay > SKIP_QUEUE_S and now - self._last_admitted < MAX_SKIP_S:
             self.stats.skipped["congested"] += 1
             return "congested"
+        self._last_admitted = now
         return None
 
     def skipped(self, reason: str) -> None:
         self.stats.skipped[reason] += 1
 
     def summary(self) -> dict:
-        return {"bit_rate": self.target, "bandwidth_estimate": None if self.bandwidth is None else int(self.bandwidth),
+        return {"bit_rate": self.target, "sent_rate": int(self.sent_rate(self._sent[-1][0])) if self._sent else 0,
+                "bandwidth_estimate": None if self.bandwidth is None else int(self.bandwidth),
                 "queue_delay_ms": round(self.queue_delay * 1000, 1), "queue_bytes": self.queue_bytes,
+                "rtt_ms": self.rtt_ms, "min_rtt_ms": self.min_rtt_ms,
                 "playout_ms": round(self.playout_ms, 1), "last_margin_ms": self.last_margin_ms,
                 "decreases": self.stats.decreases, "increases": self.stats.increases,
                 "skipped": dict(self.stats.skipped)}

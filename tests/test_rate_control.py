@@ -1,0 +1,217 @@
+"""Rate control and latency: a shaped link, a stalled client, and the controller alone."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import spicestream
+from spicestream.protocol.constants import DisplayCap
+from spicestream.testing.client import TestClient
+from spicestream.video.ratecontrol import RateController
+
+import netns
+
+pytest.importorskip("gi")
+
+CAPS = (DisplayCap.SIZED_STREAM, DisplayCap.MONITORS_CONFIG, DisplayCap.STREAM_REPORT,
+        DisplayCap.MULTI_CODEC, DisplayCap.CODEC_MJPEG, DisplayCap.CODEC_H264)
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+class MovingContent:
+    """Full-screen moving content at a steady rate: a textured picture scrolling sideways,
+    with a band of fresh noise every frame so the encoder always has more to send than a
+    5 Mbit/s link carries."""
+
+    def __init__(self, display, width, height, fps=30):
+        self.display, self.fps = display, fps
+        rng = np.random.default_rng(1)
+        small = rng.integers(0, 256, (height // 8, width // 8, 4), dtype=np.uint8)
+        self.texture = np.repeat(np.repeat(small, 8, axis=0), 8, axis=1)
+        self.texture[..., 3] = 255
+        self.stop = threading.Event()
+        self.frames = 0
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self):
+        period, next_at = 1 / self.fps, time.monotonic()
+        rng = np.random.default_rng(2)
+        h, w = self.texture.shape[:2]
+        while not self.stop.is_set():
+            frame = np.roll(self.texture, self.frames * 8, axis=1)
+            noise = rng.integers(0, 256, (-(-h // 8), w // 4, 4), dtype=np.uint8)
+            frame[: h // 2] = np.repeat(np.repeat(noise, 4, axis=0), 4, axis=1)[: h // 2]
+            self.display.update(frame)
+            self.frames += 1
+            next_at += period
+            self.stop.wait(max(0.0, next_at - time.monotonic()))
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(5)
+
+
+def active_stream(server):
+    clients = server.stats()["clients"]
+    return clients[0]["streams"]["active"] if clients and clients[0].get("streams") else None
+
+
+# -- the controller alone ------------------------------------------------------------------------
+def test_controller_cuts_to_the_delivered_rate_then_climbs():
+    rc = RateController(8_000_000, 30, now=0.0)
+    acked, t = 0, 0.0
+    # A 5 Mbit/s link with a queue building: RTT 80 ms above its minimum.
+    for _ in range(30):
+        t += 0.1
+        acked += 5_000_000 // 8 // 10
+        rc.on_sample(t, queue_bytes=50_000, bytes_acked=acked, rtt_ms=100, min_rtt_ms=20)
+    assert rc.target < 5_000_000
+    assert 4_000_000 < rc.bandwidth < 6_000_000
+    low = rc.target
+    for _ in range(60):  # the queue is gone: increase gently, as long as the encoder uses it
+        t += 0.1
+        acked += rc.target // 8 // 10
+        rc.on_sent(t, rc.target // 8 // 10)
+        rc.on_sample(t, queue_bytes=0, bytes_acked=acked, rtt_ms=21, min_rtt_ms=20)
+    assert low < rc.target < low * 2.5
+    assert rc.admit(t) is None
+    before = None
+    for i in range(30):  # easy content: the encoder uses a tenth of its target; no raise
+        t += 0.1
+        rc.on_sent(t, rc.target // 80 // 10)
+        rc.on_sample(t, queue_bytes=0, bytes_acked=acked, rtt_ms=21, min_rtt_ms=20)
+        if i == 12:  # once the last second holds only easy frames
+            before = rc.target
+    assert rc.target == before
+
+
+def test_controller_skips_frames_while_congested_and_steers_playout():
+    rc = RateController(4_000_000, 30, now=0.0)
+    rc.on_sample(0.1, queue_bytes=200_000)  # 0.4 s of data waiting at 4 Mbit/s
+    assert rc.admit(0.1) == "congested"
+    assert rc.admit(0.7) is None  # but never more than half a second without a frame
+    start = rc.playout_ms
+    rc.on_report(0.2, num_frames=5, num_drops=2, last_frame_delay_ms=-30)
+    assert rc.playout_ms >= start + 30  # late frames: stamp later at once
+    for i in range(40):  # comfortably early: come back down, but not below the target margin
+        rc.on_report(0.3 + i, num_frames=5, num_drops=0, last_frame_delay_ms=int(rc.playout_ms + 40))
+    assert rc.playout_ms < start + 30
+
+
+# -- a stalled client ----------------------------------------------------------------------------
+def test_stalled_client_does_not_slow_others_and_resumes_with_a_key_frame():
+    server = spicestream.Server(port=0, width=640, height=480, video_codecs="gstreamer:h264",
+                                streaming_video="all").start()
+    try:
+        with MovingContent(server.display, 640, 480) as content:
+            healthy = TestClient("127.0.0.1", server.port, display_caps=CAPS, decode_streams=False,
+                                 log_limit=100_000).connect()
+            stalled = TestClient("127.0.0.1", server.port, display_caps=CAPS, decode_streams=True,
+                                 log_limit=100_000).connect()
+            for c in (healthy, stalled):
+                c.wait_for(lambda c: len(c.stream_log) > 10, timeout=15, what="stream frames")
+            time.sleep(1)
+            stalled.stall()
+            rss_start, t0, frames0 = rss_bytes(), time.monotonic(), len(healthy.stream_log)
+            peak = rss_start
+            while time.monotonic() - t0 < 10:
+                time.sleep(0.5)
+                peak = max(peak, rss_bytes())
+            elapsed = time.monotonic() - t0
+            rate = (len(healthy.stream_log) - frames0) / elapsed
+            produced = content.fps
+            assert rate >= 0.9 * produced, f"healthy client got {rate:.1f} fps of {produced}"
+            assert peak - rss_start < 40 << 20, f"memory grew by {(peak - rss_start) >> 20} MiB"
+            stalled_frames = len(stalled.stream_log)
+            stalled.resume()
+            stalled.wait_for(lambda c: len(c.stream_log) > stalled_frames + 15, timeout=15,
+                             what="frames after the stall")
+            # Frames after the stall decode (the decoder got a key frame to restart from) and the
+            # server forced one.
+            after = stalled.stream_log[stalled_frames:]
+            assert all(e["picture"] is not None for e in after[5:]), "undecodable frames after the stall"
+            info = [c for c in server.stats()["clients"]]
+            assert any(c["streams"]["active"]["key_frames"] >= 2 for c in info)
+            skipped = [c["streams"]["active"]["dropped"] for c in info]
+            assert any(d.get("socket full", 0) > 100 for d in skipped), skipped
+            healthy.close()
+            stalled.close()
+    finally:
+        server.stop()
+
+
+# -- a shaped link -----------------------------------------------------------------------------
+@pytest.mark.skipif(netns.available() is not None, reason=str(netns.available()))
+def test_shaped_link_converges_keeps_latency_and_memory_flat_and_recovers():
+    """1080p moving content over a 5 Mbit/s link (server -> client, in a network namespace)."""
+    with netns.NetnsLink() as link:
+        shaping = link.shape("5mbit")
+        server = spicestream.Server(host=netns.SERVER_IP, port=0, width=1920, height=1080,
+                                    video_codecs="gstreamer:h264", streaming_video="all").start()
+        try:
+            with MovingContent(server.display, 1920, 1080) as content:
+                watcher = link.popen([sys.executable, "-m", "spicestream.testing.watch", "--host",
+                                      netns.SERVER_IP, "--port", str(server.port), "--seconds", "75"],
+                                     stdout=subprocess.PIPE, text=True)
+                lines: list[dict] = []
+                reader = threading.Thread(target=lambda: [lines.append(json.loads(l)) for l in watcher.stdout],
+                                          daemon=True)
+                reader.start()
+                deadline = time.monotonic() + 20
+                while active_stream(server) is None and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                assert active_stream(server) is not None, "no stream"
+                t_start = time.monotonic()
+                rates = []
+                while time.monotonic() - t_start < 5:
+                    time.sleep(0.25)
+                    rates.append(active_stream(server)["bit_rate"])
+                assert rates[-1] < 5_000_000, f"{shaping}: bit rate {rates[-1]} after 5 s ({rates})"
+                t_converged = time.monotonic()
+                # 60 s on the limited link: memory flat, latency low.
+                rss, recent = [], {}
+                while time.monotonic() - t_converged < 60:
+                    time.sleep(1)
+                    rss.append(rss_bytes())
+                    recent.update({e["stamp"]: e for e in server.frame_timings()[0]})
+                limited = active_stream(server)
+                link.shape(None)  # lift the limit
+                climbed = False
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline and not climbed:
+                    time.sleep(0.5)
+                    climbed_to = active_stream(server)["bit_rate"]
+                    climbed = climbed_to > limited["bit_rate"] * 1.3
+                watcher.kill()
+                reader.join(5)
+        finally:
+            server.stop()
+    frames = [l for l in lines if "stamp" in l]
+    delays = [l["arrival"] - recent[l["stamp"]]["capture"] for l in frames
+              if l["stamp"] in recent and l["arrival"] > t_converged]
+    assert len(delays) > 300, f"only {len(delays)} frames matched after convergence"
+    p95 = float(np.percentile(delays, 95))
+    growth = (max(rss[5:]) - rss[5]) >> 20
+    print(json.dumps({"shaping": shaping, "bit_rate_after_5s": rates[-1], "delay_p95_ms": p95 * 1000,
+                      "delay_p50_ms": float(np.median(delays)) * 1000, "rss_growth_mib": growth,
+                      "limited": {k: limited[k] for k in ("bit_rate", "bandwidth_estimate", "dropped",
+                                                          "playout_ms", "frames_sent")},
+                      "climbed_to": climbed_to}))
+    assert p95 < 0.200, f"{shaping}: capture-to-arrival p95 {p95 * 1000:.0f} ms"
+    assert growth < 30, f"server memory grew {growth} MiB over 60 s"
+    assert climbed, "bit rate did not climb back after the limit was lifted"
