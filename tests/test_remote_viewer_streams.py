@@ -162,3 +162,39 @@ def test_remote_viewer_plays_the_stream(codecs, decoder, tmp_path):
             assert player.k > 30
     finally:
         server.stop()
+
+
+LATE_PATTERNS = ("too late", "dropping")  # spice-gtk's debug lines for late frames (§6.3)
+
+
+@pytest.mark.parametrize("codecs", ["gstreamer:h264", "spice:mjpeg"])
+def test_no_late_frames_over_30_seconds(codecs, tmp_path):
+    """30 s of a 30 fps stream on loopback: remote-viewer's debug log shows no frame dropped
+    for lateness, and its stream reports reach the server's controller."""
+    server = spicestream.Server(port=0, width=W, height=H, video_codecs=codecs, streaming_video="all")
+    server.start()
+    try:
+        with xclient.XSession(1024, 768, log_dir=tmp_path) as x, Player(server.display) as player:
+            x.env["SPICE_DEBUG"] = "1"
+            viewer = x.start_viewer(f"spice://127.0.0.1:{server.port}")
+            x.find_window(viewer)
+
+            def streaming():
+                clients = server.stats()["clients"]
+                return clients and clients[0]["streams"]["active"]
+
+            xclient.wait_until(streaming, 20, 0.2, "a stream")
+            log_path = tmp_path / "remote-viewer.log"
+            start_frames = player.k
+            time.sleep(30)
+            frames = player.k - start_frames
+            stats = server.stats()["clients"][0]["streams"]["active"]
+            log = log_path.read_text(errors="replace").splitlines()
+            late = [line for line in log if any(p in line for p in LATE_PATTERNS)]
+            assert frames >= 30 * 30 * 0.9, f"the application drew {frames} frames"
+            assert stats["frames_sent"] >= frames * 0.9, stats
+            assert not late, f"{len(late)} late frames, e.g. {late[:3]}"
+            report = stats["last_report"]
+            assert report and report["num_drops"] == 0 and report["last_frame_delay"] >= 0, report
+    finally:
+        server.stop()

@@ -51,6 +51,7 @@ class ActiveStream:
     generation: int = -1  # display frame generation last handed to the encoder
     seen_generation: int = -1  # newest generation offered to this stream
     last_fed: float = 0.0
+    last_stamp: int = 0
     errors: int = 0
     frames_offered: int = 0
     frames_sent: int = 0
@@ -192,8 +193,11 @@ class StreamSender:
         if now - stream.last_fed > STALL_KEY_FRAME_S and stream.generation >= 0:
             stream.encoder.force_key_frame()  # the client has waited: give it a fresh start
         stream.generation, stream.last_fed = generation, now
-        stamp = self.core.mm_time_at(published) + int(stream.rate.playout_ms)
+        # Stamps never go backwards (spice-gtk flushes its MJPEG queue when they do), even
+        # while the playout delay shrinks.
+        stamp = max(self.core.mm_time_at(published) + int(stream.rate.playout_ms), stream.last_stamp + 1)
         if stream.encoder.encode(frame[r.y : r.y + r.height, r.x : r.x + r.width], stamp & 0xFFFFFFFF or 1):
+            stream.last_stamp = stamp
             stream.recent.append({"stamp": stamp & 0xFFFFFFFF or 1, "capture": published})
 
     def _send_frame(self, encoder: VideoEncoder, frame: EncodedFrame) -> None:

@@ -39,6 +39,8 @@ SKIP_QUEUE_S = 0.100  # skip frames before encoding while this much is queued
 MAX_SKIP_S = 0.5
 BANDWIDTH_WINDOW_S = 1.0
 PLAYOUT_MIN_MS, PLAYOUT_MAX_MS = 5.0, 2000.0
+START_PLAYOUT_MS = 200.0
+MAX_PLAYOUT_STEP_MS = 10.0
 
 
 @dataclass
@@ -67,7 +69,10 @@ class RateController:
         self._last_change = now
         # Margin we aim for at the client: one frame interval (never under 10 ms).
         self.target_margin_ms = max(10.0, 1000.0 / self.fps)
-        self.playout_ms = self.target_margin_ms + encode_ms + 10.0
+        # A new stream starts with room to spare: the client builds its decoder when the
+        # stream is created and the first frames pay for it. Reports bring it down within a
+        # few seconds.
+        self.playout_ms = START_PLAYOUT_MS
         self.last_margin_ms: float | None = None
         self.rtt_ms: float | None = None
         self.min_rtt_ms: float | None = None
@@ -181,8 +186,9 @@ class RateController:
             # Late frames: stamp later at once (the shortfall plus half a frame of slack)...
             self.playout_ms += max(0.0, -margin) + self.target_margin_ms / 2
         elif margin > 1.5 * self.target_margin_ms:
-            # ...and come back slowly when frames arrive with time to spare.
-            self.playout_ms -= (margin - self.target_margin_ms) * 0.25
+            # ...and come back slowly when frames arrive with time to spare (never faster than
+            # stamps can absorb: they must not go backwards).
+            self.playout_ms -= min((margin - self.target_margin_ms) * 0.25, MAX_PLAYOUT_STEP_MS)
         self.playout_ms = min(PLAYOUT_MAX_MS, max(PLAYOUT_MIN_MS, self.playout_ms))
         if num_drops > 0 and num_frames > 0 and num_drops * 4 >= num_frames:
             return self._decrease(now, None)  # a quarter late: the link or decoder can't keep up
