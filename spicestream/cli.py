@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve a display to SPICE clients")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=_port, default=5900, help="SPICE port (default 5900)")
+    serve.add_argument("--unix", metavar="PATH", help="also listen on this unix socket (local clients, GL scanouts)")
     auth = serve.add_mutually_exclusive_group()
     auth.add_argument("--password-file", metavar="F", help="file whose first line is the password")
     auth.add_argument("--disable-ticketing", action="store_true", help="accept clients without a password")
@@ -105,7 +106,8 @@ def serve(parser, args) -> int:
                      "give --password-file F or --disable-ticketing")
     width, height = args.size
     server = Server(host=args.host, port=args.port, password=password, width=width, height=height,
-                    video_codecs=args.video_codecs, streaming_video=args.streaming_video)
+                    video_codecs=args.video_codecs, streaming_video=args.streaming_video,
+                    unix_path=args.unix)
     try:
         server.start()
     except OSError as exc:

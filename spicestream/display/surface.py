@@ -11,6 +11,8 @@ new array, or alternate between two) or a client may see a half-drawn picture.
 
 from __future__ import annotations
 
+import collections
+import itertools
 import threading
 import time
 from typing import Callable
@@ -18,6 +20,7 @@ from typing import Callable
 import numpy as np
 
 from .damage import TileGrid, diff_tiles
+from .scanout import DrawTracker, Scanout, ScanoutError
 from .streams import StreamDetector, StreamRegion
 
 Rect = tuple[int, int, int, int]
@@ -74,6 +77,12 @@ class Display:
         self.frame_time = time.monotonic()  # when `frame` was published
         self.fps = 30.0  # recent update rate (moving average)
         self.streaming = streaming
+        self.scanout: Scanout | None = None  # a GPU scanout replaces `frame` while it is set
+        self.scanout_region: StreamRegion | None = None
+        self.draws = DrawTracker(lambda cookie: self.on_gl_draw_done(cookie))
+        self.on_gl_draw_done: Callable[[object], None] = lambda cookie: None
+        self.draw_rects: collections.deque = collections.deque(maxlen=256)  # (seq, x, y, w, h)
+        self._scanout_ids = itertools.count(100)
         self._set_size(width, height)
 
     def _set_size(self, width: int, height: int) -> None:
@@ -86,17 +95,81 @@ class Display:
 
     @property
     def stream_region(self) -> StreamRegion | None:
-        return self.detector.region
+        # A scanout is streamed whole, for as long as it exists (it never goes idle).
+        return self.scanout_region or self.detector.region
 
-    def current(self) -> tuple[np.ndarray, int, float]:
-        """(frame, generation, publish time), consistently."""
+    def current(self):
+        """(frame, generation, publish time), consistently. With a scanout, `frame` is a
+        new reference to the Scanout (the caller releases it) and `generation` its draw
+        sequence number."""
         with self.lock:
+            if self.scanout is not None:
+                return self.scanout.acquire(), self.draws.seq, self.frame_time
             return self.frame, self.frames, self.frame_time
 
-    def tick(self, now: float | None = None) -> None:
-        """Periodic check (server timer): ends streams whose region went still."""
+    # -- GPU scanouts ----------------------------------------------------------------------------
+    def gl_scanout(self, fd: int, width: int, height: int, stride: int, fourcc: int,
+                   y0_top: bool = True, modifier: int = 0) -> None:
+        """Show the DMA-BUF `fd` (dup()ed: close yours when you like). Replaces any previous
+        scanout. Raises ScanoutError (a ValueError) for an unknown fourcc, a non-linear
+        modifier or a buffer too small for the size and stride."""
+        scanout = Scanout(fd, width, height, stride, fourcc, y0_top, modifier)
         with self.lock:
-            changed = self.detector.tick(time.monotonic() if now is None else now)
+            old = self.scanout
+            self.scanout = scanout
+            self.scanout_region = StreamRegion(next(self._scanout_ids) % 64, 0, 0, width, height)
+            if (width, height) != (self.width, self.height):
+                self._set_size(width, height)
+                for view in self.views:
+                    view.damage = TileGrid(width, height)
+            self.draw_rects.clear()
+            self.frame_time = time.monotonic()
+        if old is not None:
+            old.release()
+        self.wake()
+
+    def gl_release(self) -> None:
+        """Stop showing the scanout (the producer is gone): its dup closes once unused, pending
+        draws complete, and the display shows `frame` again."""
+        with self.lock:
+            old, self.scanout, self.scanout_region = self.scanout, None, None
+            for view in self.views:
+                view.damage.add_all()
+        if old is not None:
+            old.release()
+        self.draws.flush()
+        self.wake()
+
+    def gl_draw(self, x: int, y: int, width: int, height: int, cookie) -> None:
+        """The producer drew into the scanout; `on_gl_draw_done(cookie)` follows exactly once,
+        within DRAW_TIMEOUT_S. Returns at once."""
+        with self.lock:
+            if self.scanout is None:
+                raise ScanoutError("gl_draw without a scanout")
+            self.frame_time = time.monotonic()
+        # Outside our lock: with no client the cookie completes right here, in the caller.
+        seq = self.draws.draw(cookie)
+        with self.lock:
+            self.draw_rects.append((seq, x, y, width, height))
+        self.wake()
+
+    def drawn_since(self, seq: int) -> tuple[int, int, int, int]:
+        """Bounding box of the draws after `seq` (the whole scanout if they are too old)."""
+        with self.lock:
+            rects = [r[1:] for r in self.draw_rects if r[0] > seq]
+            if not self.draw_rects or self.draw_rects[0][0] > seq + 1 or not rects:
+                return (0, 0, self.width, self.height)
+        x0, y0 = min(r[0] for r in rects), min(r[1] for r in rects)
+        x1, y1 = max(r[0] + r[2] for r in rects), max(r[1] + r[3] for r in rects)
+        return (x0, y0, x1 - x0, y1 - y0)
+
+    def tick(self, now: float | None = None) -> None:
+        """Periodic check (server timer): ends streams whose region went still, completes
+        draws nobody consumed in time."""
+        now = time.monotonic() if now is None else now
+        self.draws.expire(now)
+        with self.lock:
+            changed = self.detector.tick(now)
         if changed:
             self.wake()
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import stat
 import threading
 import time
 
@@ -23,14 +25,15 @@ from .connection import ChannelConnection
 from .core import ServerCore
 
 log = logging.getLogger("spicestream.server")
-TICK_S = 0.1
+TICK_S = 0.05  # draw completions are promised within 1 s; this keeps them well inside
 STATS_LOG_S = 5.0
 
 
 class Server:
     def __init__(self, host: str = "127.0.0.1", port: int = 5900, password: str | None = None,
                  *, name: str = "spicestream", width: int = 1024, height: int = 768,
-                 video_codecs: str = DEFAULT_CODECS, streaming_video: str = "filter"):
+                 video_codecs: str = DEFAULT_CODECS, streaming_video: str = "filter",
+                 unix_path: str | None = None):
         """`video_codecs`: "encoder:codec" entries separated by ";" (spice-server syntax),
         e.g. "gstreamer:h264;spice:mjpeg"; raises CodecListError for a bad list.
         `streaming_video`: "off", "all" or "filter" (spice-server's modes)."""
@@ -40,6 +43,7 @@ class Server:
             raise ValueError(f"streaming_video must be one of {', '.join(MODES)}")
         self.host = host
         self.port = port
+        self.unix_path = unix_path  # also listen here (local clients; GL scanout fds)
         self.display = Display(width, height, streaming=streaming_video)
         codecs = None if streaming_video == "off" else VideoCodecs(video_codecs)
         self._core = ServerCore(self.display, None if password is None else password.encode(), name,
@@ -70,6 +74,15 @@ class Server:
         self._core.on_pointer = callback
 
     @property
+    def on_gl_draw_done(self):
+        return self.display.on_gl_draw_done
+
+    @on_gl_draw_done.setter
+    def on_gl_draw_done(self, callback) -> None:
+        """(cookie) -> None, exactly once per display.gl_draw, from a server thread."""
+        self.display.on_gl_draw_done = callback
+
+    @property
     def sessions(self) -> int:
         return len(self._core.sessions)
 
@@ -84,6 +97,13 @@ class Server:
         listener = await loop.create_server(lambda: ChannelConnection(self._core), self.host, self.port)
         self.port = listener.sockets[0].getsockname()[1]
         log.info("listening on %s:%d", self.host, self.port)
+        listeners = [listener]
+        if self.unix_path is not None:
+            if os.path.exists(self.unix_path) and stat.S_ISSOCK(os.stat(self.unix_path).st_mode):
+                os.unlink(self.unix_path)  # a stale socket from an earlier run
+            listeners.append(await loop.create_unix_server(lambda: ChannelConnection(self._core),
+                                                           self.unix_path))
+            log.info("listening on unix:%s", self.unix_path)
         if self._core.video_codecs is not None:
             # Probe encoders now, off the loop, so the first stream does not wait for it.
             loop.run_in_executor(None, lambda: self._core.video_codecs.probe)
@@ -93,9 +113,14 @@ class Server:
             await self._stopping.wait()
         finally:
             ticker.cancel()
-            listener.close()
+            for each in listeners:
+                each.close()
             self._core.disconnect_all("server stopping")
-            await listener.wait_closed()
+            for each in listeners:
+                await each.wait_closed()
+            if self.unix_path is not None and os.path.exists(self.unix_path):
+                os.unlink(self.unix_path)
+            self.display.draws.flush()  # nothing will consume pending draws any more
             self.display.wake = lambda: None
             self._loop = None
 

@@ -24,7 +24,9 @@ from ..protocol.constants import (
 )
 from ..protocol.messages import CLIENT, HEAD, SERVER, ChannelEntry, Point, Point16, Rect
 from ..protocol.scancodes import parse_key_code, parse_scancodes
+from ..protocol.wire import ProtocolError
 from .cursor import default_cursor
+from .localgl import LocalGL
 from .streaming import StreamSender
 
 if TYPE_CHECKING:
@@ -100,7 +102,10 @@ class DisplayChannel(ChannelHandler):
         self.marked = False
         self.bytes_sent = 0
         self.streams = None
-        if self.core.video_codecs is not None:
+        self.local_gl = None
+        if self.conn.is_unix and has_cap(self.caps, DisplayCap.GL_SCANOUT):
+            self.local_gl = LocalGL(self)  # a local client takes the scanout's fd itself
+        elif self.core.video_codecs is not None:
             self.streams = StreamSender(self, self.core.video_codecs, self.caps)
         self.conn.proto.set_ack()
         self.core.display_channels.add(self)
@@ -114,6 +119,10 @@ class DisplayChannel(ChannelHandler):
             self.streams.report(message)
         elif kind is CLIENT.DISPLAY_PREFERRED_VIDEO_CODEC_TYPE and self.streams is not None:
             self.streams.set_preferred(list(message.codecs))
+        elif kind is CLIENT.DISPLAY_GL_DRAW_DONE:
+            if self.local_gl is None:
+                raise ProtocolError("GL_DRAW_DONE on a channel without GL")
+            self.local_gl.draw_done()
 
     def writable(self) -> None:
         """Send pending damage while the socket and the ACK window allow it.
@@ -131,6 +140,8 @@ class DisplayChannel(ChannelHandler):
             if self.streams is not None:
                 self.streams.sync()  # first: a stream's area needs no lossless update
             frame, rects = self.view.take()
+            if self.core.display.scanout is not None:
+                rects = []  # a scanout reaches clients as video or as its fd, never as images
             for x, y, w, h in rects:
                 self._draw_copy(frame, x, y, w, h)
             if not self.marked:
@@ -141,6 +152,8 @@ class DisplayChannel(ChannelHandler):
             self.streams.sync()
             self.streams.feed()
             conn.flush()
+        if self.local_gl is not None and self.marked:
+            self.local_gl.pump()
 
     def _new_surface(self, width: int, height: int) -> None:
         send = self.conn.send
@@ -148,9 +161,14 @@ class DisplayChannel(ChannelHandler):
             send(SERVER.DISPLAY_SURFACE_DESTROY(0))
         send(SERVER.DISPLAY_SURFACE_CREATE(0, width, height, SurfaceFormat.XRGB32, SURFACE_PRIMARY))
         self.has_surface = True
+        self.send_monitors_config()
+
+    def send_monitors_config(self) -> None:
         if self.monitors_config:
-            head = HEAD(monitor_id=0, surface_id=0, width=width, height=height, x=0, y=0, flags=0)
-            send(SERVER.DISPLAY_MONITORS_CONFIG(1, 1, HEAD.pack(head)))
+            display = self.core.display
+            head = HEAD(monitor_id=0, surface_id=0, width=display.width, height=display.height,
+                        x=0, y=0, flags=0)
+            self.conn.send(SERVER.DISPLAY_MONITORS_CONFIG(1, 1, HEAD.pack(head)))
 
     def _draw_copy(self, frame, x: int, y: int, w: int, h: int) -> None:
         image = encode_image(pixels_of(frame, x, y, w, h), self.lz4)
@@ -163,6 +181,8 @@ class DisplayChannel(ChannelHandler):
     def closed(self) -> None:
         if self.streams is not None:
             self.streams.close()
+        if self.local_gl is not None:
+            self.local_gl.close()
         self.core.display_channels.discard(self)
         self.core.display.detach(self.view)
         super().closed()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from typing import TYPE_CHECKING
 
 from ..protocol.channel import ChannelProtocol
@@ -35,6 +36,7 @@ class ChannelConnection(asyncio.Protocol):
         self.handler = None
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
+        self.is_unix = False
         self.paused = False
         self.closed = False
         self._link_timer: asyncio.TimerHandle | None = None
@@ -43,7 +45,9 @@ class ChannelConnection(asyncio.Protocol):
     def connection_made(self, transport) -> None:
         self.transport = transport
         peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "unix")
+        sock = transport.get_extra_info("socket")
+        self.is_unix = sock is not None and sock.family == socket.AF_UNIX
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else f"unix:{peer or '?'}"
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         # Keep the kernel's unsent backlog small: what waits, waits in our buffer, where rate
         # control sees it and frames can still be skipped.

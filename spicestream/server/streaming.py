@@ -104,7 +104,7 @@ class StreamSender:
                 self._skip_region = region.stream_id
                 return
             try:
-                encoder = self._create_encoder(entry, region, rate.target, fps)
+                encoder = self._create_encoder(entry, region, rate.target, fps, self._pixel_format())
                 break
             except EncoderError as exc:
                 log.warning("%s: %s unusable, trying the next codec: %s", self.conn.peer, entry, exc)
@@ -114,8 +114,13 @@ class StreamSender:
         self.active = stream
         dest = Rect(top=region.y, left=region.x, bottom=region.y + region.height,
                     right=region.x + region.width)
+        scanout = self.display.scanout
+        # A bottom-up scanout goes out as it lies; the flag tells spice-gtk to flip it.
+        flags = STREAM_TOP_DOWN if scanout is None or scanout.y0_top else 0
+        if scanout is not None:
+            self.display.draws.add_consumer(self)
         self.conn.send(SERVER.DISPLAY_STREAM_CREATE(
-            surface_id=0, id=region.stream_id, flags=STREAM_TOP_DOWN, codec_type=entry.codec,
+            surface_id=0, id=region.stream_id, flags=flags, codec_type=entry.codec,
             stamp=0, stream_width=region.width, stream_height=region.height,
             src_width=region.width, src_height=region.height, dest=dest, clip=None))
         if self.reports:
@@ -126,14 +131,20 @@ class StreamSender:
         log.info("%s: stream %d %dx%d at %d,%d as %s (%s)", self.conn.peer, region.stream_id,
                  region.width, region.height, region.x, region.y, entry, encoder.element)
 
-    def _create_encoder(self, entry: CodecEntry, region: StreamRegion, bit_rate: int, fps: int) -> VideoEncoder:
+    def _pixel_format(self) -> str:
+        scanout = self.display.scanout
+        return scanout.gst_format if scanout is not None else "BGRx"
+
+    def _create_encoder(self, entry: CodecEntry, region: StreamRegion, bit_rate: int, fps: int,
+                        pixel_format: str = "BGRx") -> VideoEncoder:
         def on_frame(frame: EncodedFrame) -> None:  # encoder thread
             self._loop.call_soon_threadsafe(self._send_frame, encoder, frame)
 
         def on_error(message: str) -> None:  # any thread
             self._loop.call_soon_threadsafe(self._encoder_failed, encoder, message)
 
-        encoder = self.codecs.create(entry, region.width, region.height, bit_rate, on_frame, on_error, fps)
+        encoder = self.codecs.create(entry, region.width, region.height, bit_rate, on_frame, on_error, fps,
+                                     pixel_format)
         return encoder
 
     def end(self, lossless: bool) -> None:
@@ -142,6 +153,7 @@ class StreamSender:
         if stream is None:
             return
         stream.encoder.close()
+        self.display.draws.remove_consumer(self)
         self.last_rate = stream.rate
         stream.stats = self._stats_of(stream)
         self.history = (self.history + [stream.stats])[-8:]
@@ -157,6 +169,7 @@ class StreamSender:
         stream, self.active = self.active, None
         if stream is not None:
             stream.encoder.close()
+        self.display.draws.remove_consumer(self)
 
     # -- frames ----------------------------------------------------------------------------
     def feed(self) -> None:
@@ -169,8 +182,20 @@ class StreamSender:
             return
         self._flush_held(stream)
         frame, generation, published = self.display.current()
+        scanout = frame if hasattr(frame, "drm_fourcc") else None
+        if scanout is None and self.display.scanout is not None:
+            return  # the scanout is being replaced
+        try:
+            if self._offer(stream, frame, generation, published):
+                scanout = None  # handed to the encoder, which releases it
+        finally:
+            if scanout is not None:
+                scanout.release()
+
+    def _offer(self, stream: ActiveStream, frame, generation: int, published: float) -> bool:
+        """Encode `frame` if it is new and there is room; True if the encoder took it."""
         if generation == stream.generation:
-            return
+            return False
         fresh = generation != stream.seen_generation
         if fresh:
             stream.seen_generation = generation
@@ -185,10 +210,12 @@ class StreamSender:
         if reason is not None:
             if fresh:
                 stream.dropped[reason] += 1
-            return
+            return False
         r = stream.region
-        if frame.shape[:2] != (self.display.height, self.display.width):
-            return
+        scanout = hasattr(frame, "drm_fourcc")
+        size = (frame.height, frame.width) if scanout else frame.shape[:2]
+        if size != (self.display.height, self.display.width) or (scanout and size != (r.height, r.width)):
+            return False
         now = time.monotonic()
         if now - stream.last_fed > STALL_KEY_FRAME_S and stream.generation >= 0:
             stream.encoder.force_key_frame()  # the client has waited: give it a fresh start
@@ -196,14 +223,26 @@ class StreamSender:
         # Stamps never go backwards (spice-gtk flushes its MJPEG queue when they do), even
         # while the playout delay shrinks.
         stamp = max(self.core.mm_time_at(published) + int(stream.rate.playout_ms), stream.last_stamp + 1)
-        if stream.encoder.encode(frame[r.y : r.y + r.height, r.x : r.x + r.width], stamp & 0xFFFFFFFF or 1):
-            stream.last_stamp = stamp
-            stream.recent.append({"stamp": stamp & 0xFFFFFFFF or 1, "capture": published})
+        stamp = stamp & 0xFFFFFFFF or 1
+        picture = frame if scanout else frame[r.y : r.y + r.height, r.x : r.x + r.width]
+        stream.recent.append({"stamp": stamp, "capture": published, "generation": generation})
+        if not stream.encoder.encode(picture, stamp):
+            stream.recent.pop()
+            return scanout  # a refused scanout was released by the encoder
+        stream.last_stamp = stamp
+        return True
 
     def _send_frame(self, encoder: VideoEncoder, frame: EncodedFrame) -> None:
         stream = self.active
         if stream is None or stream.encoder is not encoder or self.conn.closed:
             return  # a frame of a stream that has ended since
+        if self.display.scanout is not None:
+            # The encoder has read the input: this client has what it needs from every draw
+            # up to that frame, whatever happens to the encoded bytes now.
+            for entry in reversed(stream.recent):
+                if entry["stamp"] == frame.timestamp_ms:
+                    self.display.draws.consumed(self, entry["generation"])
+                    break
         if stream.awaiting_key:
             if not frame.key:
                 stream.dropped["awaiting key frame"] += 1
@@ -297,7 +336,7 @@ class StreamSender:
             log.warning("%s: %s failed (%s); rebuilding it once", self.conn.peer, stream.entry, message)
             try:
                 stream.encoder = self._create_encoder(stream.entry, stream.region, stream.rate.target,
-                                                      round(stream.rate.fps))
+                                                      round(stream.rate.fps), self._pixel_format())
                 stream.generation = -1  # the new encoder starts with a key frame of the newest frame
                 self.channel.writable()
                 return

@@ -144,6 +144,12 @@ class TestClient:
             asyncio.run_coroutine_threadsafe(_close(), self._loop).result(5)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(5)
+        if not self._loop.is_running() and not self._loop.is_closed():
+            self._loop.close()  # its selector and self-pipe are fds too
+        for stream in self.streams.values():
+            if stream["decoder"] is not None:
+                stream["decoder"].close()
+        self.streams.clear()
 
     def __enter__(self) -> "TestClient":
         return self.connect()
@@ -173,6 +179,7 @@ class TestClient:
         return channel
 
     async def _connect(self) -> None:
+        self.display_init_sent: float | None = None
         self._channels_list = asyncio.get_running_loop().create_future()
         await self._link(Ch.MAIN, 0, self.main_caps)
         await asyncio.wait_for(self._channels_list, 10)
@@ -181,6 +188,7 @@ class TestClient:
             channel = await self._link(t, self.session_id, caps)
             if t == Ch.DISPLAY:
                 channel.send(CLIENT.DISPLAY_INIT(1, 20 << 20, 1, 3 << 20))
+                self.display_init_sent = time.monotonic()
 
     # -- messages ----------------------------------------------------------------------------------
     def _on_message(self, channel_type: int, message) -> None:
@@ -254,6 +262,8 @@ class TestClient:
         dest = getattr(m, "dest", None) or stream["create"].dest
         if stream["decoder"] is not None:
             picture = stream["decoder"].decode(m.data)
+            if picture is not None and not stream["create"].flags & 1:
+                picture = picture[::-1]  # not TOP_DOWN: the stream's rows are bottom-up
             entry["picture"] = picture
             if picture is not None and self.frame is not None:
                 h, w = dest.bottom - dest.top, dest.right - dest.left

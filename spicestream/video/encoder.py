@@ -81,8 +81,9 @@ class VideoEncoder(ABC):
     max_in_flight: int = 2
 
     def __init__(self, codec: Codec, width: int, height: int, bit_rate: int,
-                 on_frame: FrameCallback, on_error: ErrorCallback):
+                 on_frame: FrameCallback, on_error: ErrorCallback, pixel_format: str = "BGRx"):
         self.codec, self.width, self.height = codec, width, height
+        self.pixel_format = pixel_format  # GStreamer name of the input's byte order
         self.bit_rate = max(MIN_BIT_RATE, int(bit_rate))
         self.on_frame, self.on_error = on_frame, on_error
         self.stats_ = EncoderStats()
@@ -90,13 +91,19 @@ class VideoEncoder(ABC):
         self._in_flight = 0
         self.closed = False
 
-    def encode(self, frame: np.ndarray, timestamp_ms: int) -> bool:
-        """Start encoding `frame`; False (frame dropped) when the encoder is full or closed."""
-        if frame.shape[:2] != (self.height, self.width):
-            raise ValueError(f"frame {frame.shape[:2]} does not match encoder {self.height}x{self.width}")
+    def encode(self, frame, timestamp_ms: int) -> bool:
+        """Start encoding `frame`; False (frame dropped) when the encoder is full or closed.
+
+        `frame` is an (h, w, 4) uint8 array in `pixel_format` byte order (rows may be strided),
+        or a `display.scanout.Scanout` (a DMA-BUF the encoder imports or maps)."""
+        shape = (frame.height, frame.width) if hasattr(frame, "drm_fourcc") else frame.shape[:2]
+        if shape != (self.height, self.width):
+            raise ValueError(f"frame {shape} does not match encoder {self.height}x{self.width}")
         with self._lock:
             if self.closed or self._in_flight >= self.max_in_flight:
                 self.stats_.refused += 1
+                if hasattr(frame, "drm_fourcc"):
+                    frame.release()  # a scanout reference is ours to give back, used or not
                 return False
             self._in_flight += 1
             self.stats_.frames_in += 1
@@ -134,7 +141,7 @@ class VideoEncoder(ABC):
         return info
 
     @abstractmethod
-    def _submit(self, frame: np.ndarray, timestamp_ms: int, started: float) -> None: ...
+    def _submit(self, frame, timestamp_ms: int, started: float) -> None: ...
 
     def set_bit_rate(self, bit_rate: int) -> None:
         self.bit_rate = max(MIN_BIT_RATE, int(bit_rate))

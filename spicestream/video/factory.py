@@ -45,7 +45,7 @@ class VideoCodecs:
         return choose_codec(self.entries, display_caps, self.usable, preferred, failed)
 
     def create(self, entry: CodecEntry, width: int, height: int, bit_rate: int,
-               on_frame, on_error, fps: int = 30) -> VideoEncoder:
+               on_frame, on_error, fps: int = 30, pixel_format: str = "BGRx") -> VideoEncoder:
         """Create an encoder for `entry`, trying its usable elements in order."""
         errors = []
         for result in self.elements_for(entry):
@@ -53,10 +53,12 @@ class VideoCodecs:
                 if entry.encoder == "spice":
                     from .mjpeg import MjpegEncoder
 
-                    return MjpegEncoder(entry.codec, width, height, bit_rate, on_frame, on_error)
+                    return MjpegEncoder(entry.codec, width, height, bit_rate, on_frame, on_error,
+                                        pixel_format=pixel_format)
                 from .gst_encoder import GstEncoder
 
-                return GstEncoder(BY_NAME[result.element], width, height, bit_rate, on_frame, on_error, fps)
+                return GstEncoder(BY_NAME[result.element], width, height, bit_rate, on_frame, on_error,
+                                  fps, pixel_format)
             except (EncoderError, RuntimeError, ValueError) as exc:
                 errors.append(f"{result.element}: {exc}")
                 log.warning("cannot create %s encoder: %s", result.element, exc)

@@ -33,15 +33,26 @@ try:
 
     gi.require_version("Gst", "1.0")
     gi.require_version("GstVideo", "1.0")
-    from gi.repository import GLib, Gst, GstVideo
+    gi.require_version("GstAllocators", "1.0")
+    from gi.repository import GLib, Gst, GstAllocators, GstVideo
 
     Gst.init(None)
 except (ImportError, ValueError) as _exc:  # no GStreamer: the built-in MJPEG still works
-    GLib = Gst = GstVideo = None
+    GLib = Gst = GstAllocators = GstVideo = None
     IMPORT_ERROR = str(_exc)
 else:
     IMPORT_ERROR = ""
     from .gstbuffer import push_frame
+
+
+_allocator = None
+
+
+def _dmabuf_allocator():
+    global _allocator
+    if _allocator is None:
+        _allocator = GstAllocators.DmaBufAllocator.new()
+    return _allocator
 
 
 def available() -> tuple[bool, str]:
@@ -54,13 +65,14 @@ def element_exists(name: str) -> bool:
     return Gst is not None and Gst.ElementFactory.find(name) is not None
 
 
-def pipeline_description(spec: ElementSpec, width: int, height: int, fps: int) -> str:
+def pipeline_description(spec: ElementSpec, width: int, height: int, fps: int,
+                         pixel_format: str = "BGRx") -> str:
     # The caps carry a real frame rate: with framerate=0/1 x264enc holds every frame back
     # until the next one arrives (one frame of latency), and rate control needs the rate.
     caps_out = f" ! {spec.output_caps}" if spec.output_caps else ""
     return (
         f"appsrc name=src is-live=true format=time do-timestamp=false block=false "
-        f"caps=video/x-raw,format=BGRx,width={width},height={height},framerate={fps}/1 "
+        f"caps=video/x-raw,format={pixel_format},width={width},height={height},framerate={fps}/1 "
         f"! videoconvert n-threads={CONVERT_THREADS} ! video/x-raw,format={spec.input_format} "
         f"! queue max-size-buffers=2 max-size-bytes=0 max-size-time=0 "
         f"! {spec.element} name=enc {spec.properties}{caps_out} "
@@ -72,12 +84,12 @@ class GstEncoder(VideoEncoder):
     backend = "gstreamer"
 
     def __init__(self, spec: ElementSpec, width: int, height: int, bit_rate: int,
-                 on_frame, on_error, fps: int = 30):
+                 on_frame, on_error, fps: int = 30, pixel_format: str = "BGRx"):
         if Gst is None:
             raise EncoderError(available()[1])
         if spec.output_caps and (width % 2 or height % 2):
             raise EncoderError(f"{spec.element} needs an even size, got {width}x{height}")
-        super().__init__(spec.codec, width, height, bit_rate, on_frame, on_error)
+        super().__init__(spec.codec, width, height, bit_rate, on_frame, on_error, pixel_format)
         self.spec, self.element, self.hardware = spec, spec.element, spec.hardware
         self._pending: collections.deque = collections.deque()  # (timestamp, started, copied)
         self._pending_lock = threading.Lock()
@@ -85,17 +97,20 @@ class GstEncoder(VideoEncoder):
         self.fps = max(1, min(240, int(fps)))
         self._duration_ns = Gst.SECOND // self.fps
         try:
-            self.pipeline = Gst.parse_launch(pipeline_description(spec, width, height, self.fps))
+            self.pipeline = Gst.parse_launch(pipeline_description(spec, width, height, self.fps,
+                                                                  pixel_format))
         except GLib.Error as exc:
             raise EncoderError(f"{spec.element}: {exc}") from None
         self.src = self.pipeline.get_by_name("src")
         self.enc = self.pipeline.get_by_name("enc")
         self.sink = self.pipeline.get_by_name("sink")
         self._apply_bit_rate()
-        self.sink.connect("new-sample", self._on_sample)
-        bus = self.pipeline.get_bus()
-        bus.enable_sync_message_emission()
-        bus.connect("sync-message::error", self._on_bus_error)
+        # Signal handlers hold a reference to self: close() disconnects them, or the pipeline
+        # and its fds would live as long as the process (a cycle the Python GC cannot see).
+        self._sample_handler = self.sink.connect("new-sample", self._on_sample)
+        self.bus = self.pipeline.get_bus()
+        self.bus.enable_sync_message_emission()
+        self._error_handler = self.bus.connect("sync-message::error", self._on_bus_error)
         if self.pipeline.set_state(Gst.State.PLAYING) == Gst.StateChangeReturn.FAILURE:
             self.pipeline.set_state(Gst.State.NULL)
             raise EncoderError(f"{spec.element}: pipeline would not start")
@@ -105,10 +120,35 @@ class GstEncoder(VideoEncoder):
         self._frame_index += 1
         with self._pending_lock:
             self._pending.append([timestamp_ms, started, 0])
-        copied = push_frame(self.src, frame, pts, self._duration_ns)
+        if hasattr(frame, "drm_fourcc"):
+            copied = self._push_dmabuf(frame, pts)
+        else:
+            copied = push_frame(self.src, frame, pts, self._duration_ns)
         with self._pending_lock:
             if self._pending:
                 self._pending[-1][2] = copied
+
+    def _push_dmabuf(self, scanout, pts: int) -> int:
+        """Import a DMA-BUF without copying: the memory owns a dup of the fd and closes it when
+        GStreamer frees the buffer; the converter reads the buffer where it lies."""
+        try:
+            fd = scanout.dup()
+        finally:
+            scanout.release()  # the reference the caller passed in; the dup outlives it
+        memory = GstAllocators.DmaBufAllocator.alloc(_dmabuf_allocator(), fd, scanout.size)
+        buf = Gst.Buffer.new()
+        buf.append_memory(memory)
+        fmt = GstVideo.VideoFormat.from_string(scanout.gst_format)
+        if scanout.gst_format == "NV12":
+            offsets, strides, planes = [0, scanout.stride * scanout.height, 0, 0], [scanout.stride] * 2 + [0, 0], 2
+        else:
+            offsets, strides, planes = [0, 0, 0, 0], [scanout.stride, 0, 0, 0], 1
+        GstVideo.buffer_add_video_meta_full(buf, GstVideo.VideoFrameFlags.NONE, fmt, scanout.width,
+                                            scanout.height, planes, offsets, strides)
+        buf.pts, buf.duration = pts, self._duration_ns
+        if self.src.emit("push-buffer", buf) != Gst.FlowReturn.OK:
+            raise EncoderError("appsrc refused the buffer")
+        return 0
 
     def _on_sample(self, sink) -> "Gst.FlowReturn":
         sample = sink.emit("pull-sample")
@@ -164,6 +204,9 @@ class GstEncoder(VideoEncoder):
             return
         super().close()
         self.pipeline.set_state(Gst.State.NULL)
+        self.sink.disconnect(self._sample_handler)
+        self.bus.disconnect(self._error_handler)
+        self.bus.disable_sync_message_emission()
         with self._pending_lock:
             self._pending.clear()
         self._in_flight = 0

@@ -22,7 +22,10 @@ try:
 except ImportError:  # reported by available(); the server then has no built-in MJPEG
     simplejpeg = None
 
-QUALITY_STEPS = (20, 30, 40, 50, 60, 70, 80, 90)  # spice-server's ladder, plus one
+QUALITY_STEPS = (20, 30, 40, 50, 60, 70, 80, 90)
+# GStreamer byte-order names -> simplejpeg colorspaces
+COLORSPACES = {"BGRx": "BGRX", "BGRA": "BGRX", "RGBx": "RGBX", "RGBA": "RGBX",
+               "xBGR": "XBGR", "ABGR": "XBGR", "xRGB": "XRGB", "ARGB": "XRGB"}  # spice-server's ladder, plus one
 DEFAULT_QUALITY = 80
 
 
@@ -38,12 +41,15 @@ class MjpegEncoder(VideoEncoder):
     max_in_flight = 1
 
     def __init__(self, codec: Codec, width: int, height: int, bit_rate: int, on_frame, on_error,
-                 quality: int = DEFAULT_QUALITY):
+                 quality: int = DEFAULT_QUALITY, pixel_format: str = "BGRx"):
         if codec != Codec.MJPEG:
             raise ValueError("the built-in encoder only does MJPEG")
         if simplejpeg is None:
             raise RuntimeError(available()[1])
-        super().__init__(codec, width, height, bit_rate, on_frame, on_error)
+        if pixel_format not in COLORSPACES:
+            raise ValueError(f"the built-in encoder cannot read {pixel_format}")
+        super().__init__(codec, width, height, bit_rate, on_frame, on_error, pixel_format)
+        self.colorspace = COLORSPACES[pixel_format]
         self.quality = quality
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="mjpeg-encoder", daemon=True)
@@ -55,19 +61,28 @@ class MjpegEncoder(VideoEncoder):
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
             frame, timestamp_ms, started = job
-            copied = 0
-            if frame.strides[1:] != (4, 1):  # simplejpeg needs contiguous pixels within a row
-                frame = np.ascontiguousarray(frame)
-                copied = frame.nbytes
+            scanout = frame if hasattr(frame, "drm_fourcc") else None
             try:
-                data = simplejpeg.encode_jpeg(frame, self.quality, colorspace="BGRX",
-                                              colorsubsampling="420", fastdct=True)
+                data, copied = self._encode(frame if scanout is None else scanout.pixels(), scanout)
             except Exception as exc:  # reported, never raised on the encoder thread
                 self._finished(None)
                 self._fail(f"simplejpeg: {exc}")
                 continue
+            finally:
+                if scanout is not None:
+                    scanout.release()  # the reference the caller passed in
             self._finished(EncodedFrame(data, timestamp_ms, True, self.width, self.height,
                                         (time.perf_counter() - started) * 1000, copied))
+
+    def _encode(self, frame: np.ndarray, scanout) -> tuple[bytes, int]:
+        # A DMA-BUF is mapped and read in place; its bytes count as read into system memory.
+        copied = frame.nbytes if scanout is not None else 0
+        if frame.strides[1:] != (4, 1) or frame.strides[0] < 0:
+            frame = np.ascontiguousarray(frame)  # simplejpeg reads forward, packed pixels
+            copied += frame.nbytes
+        data = simplejpeg.encode_jpeg(frame, self.quality, colorspace=self.colorspace,
+                                      colorsubsampling="420", fastdct=True)
+        return data, copied
 
     def set_quality(self, quality: int) -> None:
         self.quality = max(1, min(100, int(quality)))
