@@ -198,3 +198,62 @@ def test_no_late_frames_over_30_seconds(codecs, tmp_path):
             assert report and report["num_drops"] == 0 and report["last_frame_delay"] >= 0, report
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("y0_top", [True, False], ids=["y0-top", "y0-bottom"])
+def test_remote_viewer_shows_a_dmabuf_scanout_the_right_way_up(y0_top, tmp_path):
+    """A producer renders into a memfd 'scanout' and calls gl_draw; remote-viewer (a remote
+    client: it gets video) shows the markers where they belong and the square moving."""
+    import mmap
+    import os
+
+    from spicestream.display.scanout import fourcc
+
+    stride = W * 4
+    fd = os.memfd_create("scanout")
+    os.ftruncate(fd, stride * H)
+    buffer = mmap.mmap(fd, stride * H)
+    pixels = np.frombuffer(buffer, np.uint8).reshape(H, W, 4)
+    server = spicestream.Server(port=0, width=W, height=H, video_codecs="gstreamer:h264")
+    server.start()
+    stop = threading.Event()
+    done = []
+    server.on_gl_draw_done = done.append
+
+    def produce():
+        k = 0
+        while not stop.is_set():
+            frame = base_frame()
+            sx = square_x(k)
+            frame[REGION[1] + 72 : REGION[1] + 72 + SQUARE, sx : sx + SQUARE, :3] = 255
+            pixels[:] = frame if y0_top else frame[::-1]
+            server.display.gl_draw(0, 0, W, H, k)
+            k += 1
+            stop.wait(1 / 30)
+
+    try:
+        pixels[:] = base_frame() if y0_top else base_frame()[::-1]
+        server.display.gl_scanout(fd, W, H, stride, fourcc("XR24"), y0_top=y0_top)
+        producer = threading.Thread(target=produce, daemon=True)
+        producer.start()
+        with xclient.XSession(1024, 768, log_dir=tmp_path) as x:
+            viewer = x.start_viewer(f"spice://127.0.0.1:{server.port}")
+            x.find_window(viewer)
+            mapping = xclient.wait_until(lambda: locate(x.screenshot()), 20, 0.3, "the markers on screen")
+            _, (sx, sy, _, _) = mapping
+            assert sx > 0 and sy > 0, "picture mirrored"  # red top-left, blue bottom-left
+            first = xclient.wait_until(lambda: square_on_screen(x.screenshot(), mapping), 10, 0.1, "the square")
+            time.sleep(0.5)
+            shot = x.screenshot()
+            x.save(shot, tmp_path / "scanout.png")
+            second = square_on_screen(shot, mapping)
+            assert second is not None and abs(second[0] - first[0]) > 10, (first, second)
+            assert REGION[1] + 72 - 6 <= second[1] <= REGION[1] + 72 + SQUARE + 6, second
+        assert done, "no draw completed"
+    finally:
+        stop.set()
+        server.stop()
+        server.display.gl_release()
+        del pixels
+        buffer.close()
+        os.close(fd)

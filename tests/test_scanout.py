@@ -66,6 +66,22 @@ class Buffer:
         os.close(self.fd)
 
 
+UDMABUF_CREATE = 0x40187542  # _IOW('u', 0x42, struct udmabuf_create)
+
+
+def udmabuf_from(buf: Buffer) -> int:
+    """A real DMA-BUF fd over the memfd's pages (/dev/udmabuf), as a GPU driver would give."""
+    import fcntl
+
+    fcntl.fcntl(buf.fd, 1033, 0x0002)  # F_ADD_SEALS, F_SEAL_SHRINK (udmabuf requires it)
+    dev = os.open("/dev/udmabuf", os.O_RDWR)
+    try:
+        request = struct.pack("<IIQQ", buf.fd, 0x01, 0, buf.stride * buf.height)  # UDMABUF_FLAGS_CLOEXEC
+        return fcntl.ioctl(dev, UDMABUF_CREATE, bytearray(request), True)
+    finally:
+        os.close(dev)
+
+
 # -- the scanout object and the draw tracker ----------------------------------------------------
 def test_scanout_validates_and_owns_its_dup():
     buf = Buffer()
@@ -159,13 +175,18 @@ class Producer:
         self.thread.join(5)
 
 
+@pytest.mark.parametrize("kind", ["memfd", pytest.param("udmabuf", marks=pytest.mark.skipif(
+    not os.path.exists("/dev/udmabuf"), reason="no /dev/udmabuf on this machine"))])
 @pytest.mark.parametrize("y0_top", [True, False], ids=["y0-top", "y0-bottom"])
 @pytest.mark.parametrize("codecs", ["gstreamer:h264", "spice:mjpeg"])
-def test_remote_client_sees_the_scanout_the_right_way_up(y0_top, codecs):
+def test_remote_client_sees_the_scanout_the_right_way_up(y0_top, codecs, kind):
     server = spicestream.Server(port=0, width=64, height=64, video_codecs=codecs).start()
     buf = Buffer()
     try:
-        server.display.gl_scanout(buf.fd, W, H, buf.stride, XR24, y0_top=y0_top)
+        fd = udmabuf_from(buf) if kind == "udmabuf" else buf.fd
+        server.display.gl_scanout(fd, W, H, buf.stride, XR24, y0_top=y0_top)
+        if fd != buf.fd:
+            os.close(fd)  # the caller may close its fd at once: the server has a dup
         with Producer(server, buf, y0_top) as producer, \
                 TestClient("127.0.0.1", server.port, display_caps=CAPS) as client:
             client.wait_for(lambda c: len(c.stream_log) > 10, timeout=15, what="stream frames")
@@ -390,3 +411,5 @@ def test_ten_thousand_draws_complete_exactly_once_within_a_second():
     gc.collect()
     time.sleep(0.3)
     assert open_fds() == fds_before, (fds_before, open_fds())
+
+
