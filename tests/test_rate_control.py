@@ -166,7 +166,7 @@ def test_shaped_link_converges_keeps_latency_and_memory_flat_and_recovers():
         try:
             with MovingContent(server.display, 1920, 1080) as content:
                 watcher = link.popen([sys.executable, "-m", "spicestream.testing.watch", "--host",
-                                      netns.SERVER_IP, "--port", str(server.port), "--seconds", "75"],
+                                      netns.SERVER_IP, "--port", str(server.port), "--seconds", "150"],
                                      stdout=subprocess.PIPE, text=True)
                 lines: list[dict] = []
                 reader = threading.Thread(target=lambda: [lines.append(json.loads(l)) for l in watcher.stdout],
@@ -195,7 +195,9 @@ def test_shaped_link_converges_keeps_latency_and_memory_flat_and_recovers():
                 deadline = time.monotonic() + 10
                 while time.monotonic() < deadline and not climbed:
                     time.sleep(0.5)
-                    climbed_to = active_stream(server)["bit_rate"]
+                    current = active_stream(server)
+                    assert current is not None, "the stream ended while the link was opened up"
+                    climbed_to = current["bit_rate"]
                     climbed = climbed_to > limited["bit_rate"] * 1.3
                 watcher.kill()
                 reader.join(5)
