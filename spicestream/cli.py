@@ -12,7 +12,7 @@ import threading
 from .display.streams import MODES
 from .video.codec_list import DEFAULT_CODECS, CodecListError, parse_codec_list
 
-SOURCES = ("demo",)
+SOURCES = ("demo", "x11")
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -56,7 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     auth = serve.add_mutually_exclusive_group()
     auth.add_argument("--password-file", metavar="F", help="file whose first line is the password")
     auth.add_argument("--disable-ticketing", action="store_true", help="accept clients without a password")
-    serve.add_argument("--source", choices=SOURCES, default="demo", help="what to display (default demo)")
+    serve.add_argument("--source", choices=SOURCES, default="demo",
+                       help="what to display: the demo desktop, or a running X server (default demo)")
+    serve.add_argument("--x-display", metavar=":N", help="with --source x11: the X display to serve")
+    serve.add_argument("--view-only", action="store_true", help="with --source x11: ignore client input")
     serve.add_argument("--size", type=_size, default=(1280, 720), metavar="WxH", help="display size (default 1280x720)")
     serve.add_argument("--fps", type=_fps, default=30.0, help="frames per second of the source (default 30)")
     serve.add_argument("--video-codecs", type=_codec_list, default=DEFAULT_CODECS, metavar="LIST",
@@ -100,6 +103,8 @@ def serve(parser, args) -> int:
     from . import Server
     from .sources.demo import run_demo
 
+    if args.source == "x11" and not args.x_display:
+        parser.error("argument --x-display: required with --source x11")
     password = _read_password(parser, args.password_file) if args.password_file else None
     if password is None and not args.disable_ticketing and not _is_loopback(args.host):
         parser.error(f"argument --host: refusing to serve {args.host} without a password; "
@@ -119,7 +124,20 @@ def serve(parser, args) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        run_demo(server.display, args.fps, args.size, stop)
+        if args.source == "x11":
+            from .sources.x11 import X11Error, X11Source
+
+            try:
+                source = X11Source(args.x_display, server, view_only=args.view_only, fps=args.fps)
+            except X11Error as exc:
+                print(f"spicestream: {exc}", file=sys.stderr)
+                return 1
+            try:
+                source.run(stop)
+            finally:
+                source.close()
+        else:
+            run_demo(server.display, args.fps, args.size, stop)
     finally:
         server.stop()
     return 0

@@ -17,12 +17,15 @@ import stat
 import threading
 import time
 
+import numpy as np
+
 from ..display.streams import MODES
 from ..display.surface import Display
 from ..video.codec_list import DEFAULT_CODECS
 from ..video.factory import VideoCodecs
 from .connection import ChannelConnection
 from .core import ServerCore
+from .cursor import cursor_bytes
 
 log = logging.getLogger("spicestream.server")
 TICK_S = 0.05  # draw completions are promised within 1 s; this keeps them well inside
@@ -55,6 +58,7 @@ class Server:
         self._ready = threading.Event()
         self._start_error: BaseException | None = None
         self._wake_pending = False
+        self._cursor_serial = 1
 
     # Application callbacks live on the core, which is what the channels call.
     @property
@@ -81,6 +85,16 @@ class Server:
     def on_gl_draw_done(self, callback) -> None:
         """(cookie) -> None, exactly once per display.gl_draw, from a server thread."""
         self.display.on_gl_draw_done = callback
+
+    def set_cursor(self, pixels, hot_x: int = 0, hot_y: int = 0) -> None:
+        """Show this pointer shape in clients: (h, w, 4) uint8 BGRA, straight alpha. Any thread."""
+        self._cursor_serial += 1
+        data = cursor_bytes(np.asarray(pixels, np.uint8), int(hot_x), int(hot_y), self._cursor_serial)
+        loop = self._loop
+        if loop is not None and loop.is_running():
+            loop.call_soon_threadsafe(self._core.set_cursor, data)
+        else:
+            self._core.cursor = data
 
     @property
     def sessions(self) -> int:

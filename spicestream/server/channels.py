@@ -24,7 +24,6 @@ from ..protocol.constants import (
 )
 from ..protocol.messages import CLIENT, HEAD, SERVER, ChannelEntry, Point, Point16, Rect
 from ..protocol.scancodes import parse_key_code, parse_scancodes
-from ..protocol.wire import ProtocolError
 from .cursor import default_cursor
 from .localgl import LocalGL
 from .streaming import StreamSender
@@ -119,10 +118,8 @@ class DisplayChannel(ChannelHandler):
             self.streams.report(message)
         elif kind is CLIENT.DISPLAY_PREFERRED_VIDEO_CODEC_TYPE and self.streams is not None:
             self.streams.set_preferred(list(message.codecs))
-        elif kind is CLIENT.DISPLAY_GL_DRAW_DONE:
-            if self.local_gl is None:
-                raise ProtocolError("GL_DRAW_DONE on a channel without GL")
-            self.local_gl.draw_done()
+        elif kind is CLIENT.DISPLAY_GL_DRAW_DONE and self.local_gl is not None:
+            self.local_gl.draw_done()  # elsewhere it answers nothing we sent: ignored
 
     def writable(self) -> None:
         """Send pending damage while the socket and the ACK window allow it.
@@ -235,6 +232,16 @@ class InputsChannel(ChannelHandler):
 
 class CursorChannel(ChannelHandler):
     def start(self) -> None:
+        self.core.cursor_channels.add(self)
         self.conn.send(SERVER.CURSOR_INIT(position=Point16(0, 0), trail_length=0,
-                                          trail_frequency=0, visible=1, cursor=default_cursor()))
+                                          trail_frequency=0, visible=1,
+                                          cursor=self.core.cursor or default_cursor()))
+
+    def set_cursor(self, cursor: bytes) -> None:
+        self.conn.send(SERVER.CURSOR_SET(position=Point16(0, 0), visible=1, cursor=cursor))
+        self.conn.flush()
+
+    def closed(self) -> None:
+        self.core.cursor_channels.discard(self)
+        super().closed()
 

@@ -63,6 +63,8 @@ class ServerCore:
         self.sessions: dict[int, Session] = {}
         self.connections: set = set()
         self.display_channels: set[DisplayChannel] = set()
+        self.cursor_channels: set[CursorChannel] = set()
+        self.cursor: bytes | None = None  # the current shape (None: the default arrow)
         self.on_key: Callable[[int, bool], None] | None = None
         self.on_pointer: Callable[[int, int, int], None] | None = None
         self.latency_ms = INIT_LATENCY_MS
@@ -144,6 +146,11 @@ class ServerCore:
             if channel.streams is not None:
                 channel.streams.control_tick(now)
             channel.writable()
+
+    def set_cursor(self, cursor: bytes) -> None:
+        self.cursor = cursor
+        for channel in list(self.cursor_channels):
+            channel.set_cursor(cursor)
 
     # -- application callbacks ----------------------------------------------------------------
     def emit_key(self, scancode: int, pressed: bool) -> None:

@@ -33,7 +33,12 @@ def arrow_pixels(size: int = SIZE) -> np.ndarray:
     return pixels
 
 
+def cursor_bytes(pixels: np.ndarray, hot_x: int, hot_y: int, unique: int) -> bytes:
+    """A SPICE Cursor structure for an (h, w, 4) BGRA image with straight alpha."""
+    h, w = pixels.shape[:2]
+    header = CURSOR_HEADER.pack(0, unique, CURSOR_TYPE_ALPHA, w, h, hot_x, hot_y)
+    return header + np.ascontiguousarray(pixels, np.uint8).tobytes()
+
+
 def default_cursor() -> bytes:
-    pixels = arrow_pixels()
-    header = CURSOR_HEADER.pack(0, 1, CURSOR_TYPE_ALPHA, SIZE, SIZE, 0, 0)
-    return header + pixels.tobytes()
+    return cursor_bytes(arrow_pixels(), 0, 0, 1)

@@ -1,0 +1,213 @@
+"""Serve a running X server: capture with MIT-SHM, damage from DAMAGE, size from RandR,
+cursor from XFIXES, input through XTEST. An ordinary X client, through xcffib.
+
+Capture goes into a ring of SysV shared-memory segments the X server writes into directly;
+each published frame is a numpy view on one of them, so the picture reaches the encoder
+without a copy on our side. The ring is long enough that the X server never overwrites a
+segment an encoder may still be reading (display.update's contract).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+import time
+
+import numpy as np
+
+log = logging.getLogger("spicestream.x11")
+
+REQUIRED_EXTENSIONS = ("MIT-SHM", "DAMAGE", "XFIXES", "XTEST", "RANDR")
+RING = 4
+IPC_PRIVATE, IPC_CREAT, IPC_RMID = 0, 0o1000, 0
+
+# SPICE set-1 scancodes of E0-prefixed keys -> Linux input keycodes (X evdev keycode = +8).
+# Plain set-1 scancodes 0x01-0x58 equal their Linux keycodes.
+EXTENDED_TO_LINUX = {
+    0x11C: 96, 0x11D: 97, 0x135: 98, 0x137: 99, 0x138: 100, 0x147: 102, 0x148: 103, 0x149: 104,
+    0x14B: 105, 0x14D: 106, 0x14F: 107, 0x150: 108, 0x151: 109, 0x152: 110, 0x153: 111,
+    0x15B: 125, 0x15C: 126, 0x15D: 127, 0x145: 119,
+}
+EVDEV_OFFSET = 8
+BUTTON_BITS = ((1, 1), (2, 2), (4, 3), (8, 4), (16, 5), (32, 8), (64, 9))  # mask bit -> X button
+
+
+class X11Error(RuntimeError):
+    """The X display cannot be served (unreachable, or missing extensions)."""
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.shmat.restype = ctypes.c_void_p
+_libc.shmat.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+_libc.shmdt.argtypes = [ctypes.c_void_p]
+
+
+class ShmSegment:
+    """A SysV segment attached here and in the X server; freed when both let go."""
+
+    def __init__(self, conn, shm, size: int):
+        self.size = size
+        self.shmid = _libc.shmget(IPC_PRIVATE, size, IPC_CREAT | 0o600)
+        if self.shmid < 0:
+            raise X11Error(f"shmget failed: errno {ctypes.get_errno()}")
+        self.addr = _libc.shmat(self.shmid, None, 0)
+        self.seg = conn.generate_id()
+        try:
+            shm.AttachChecked(self.seg, self.shmid, False).check()
+        finally:
+            # Marked for removal now: the kernel frees it once we and the X server detach,
+            # even if this process dies.
+            _libc.shmctl(self.shmid, IPC_RMID, None)
+        self.array = np.frombuffer((ctypes.c_ubyte * size).from_address(self.addr), np.uint8)
+
+    def close(self, shm) -> None:
+        shm.Detach(self.seg)
+        self.array = None
+        _libc.shmdt(ctypes.c_void_p(self.addr))
+
+
+class X11Source:
+    def __init__(self, display_name: str, server, view_only: bool = False, fps: float = 30.0):
+        import xcffib
+        import xcffib.damage
+        import xcffib.randr
+        import xcffib.shm
+        import xcffib.xfixes
+        import xcffib.xproto
+        import xcffib.xtest
+
+        self.xcffib, self.xproto = xcffib, xcffib.xproto
+        self.ext = xcffib
+        try:
+            self.conn = xcffib.connect(display=display_name)
+        except Exception as exc:
+            raise X11Error(f"cannot connect to X display {display_name}: {exc}") from None
+        missing = [name for name in REQUIRED_EXTENSIONS
+                   if not self.conn.core.QueryExtension(len(name), name).reply().present]
+        if missing:
+            self.conn.disconnect()
+            raise X11Error(f"X display {display_name} lacks the extension(s) {', '.join(missing)}")
+        self.server, self.display, self.fps = server, server.display, fps
+        self.screen = self.conn.get_setup().roots[0]
+        self.root = self.screen.root
+        self.shm = self.conn(xcffib.shm.key)
+        self.damage_ext = self.conn(xcffib.damage.key)
+        self.xfixes = self.conn(xcffib.xfixes.key)
+        self.xtest = self.conn(xcffib.xtest.key)
+        self.randr = self.conn(xcffib.randr.key)
+        self.damage_ext.QueryVersion(1, 1).reply()
+        self.xfixes.QueryVersion(4, 0).reply()
+        self.randr.QueryVersion(1, 2).reply()
+        self.lock = threading.Lock()  # requests come from the capture and the server threads
+        self.segments: list[ShmSegment] = []
+        self.width = self.height = 0
+        self.buttons = 0
+        self._allocate(self.screen.width_in_pixels, self.screen.height_in_pixels)
+        self.damage_id = self.conn.generate_id()
+        self.damage_ext.Create(self.damage_id, self.root, xcffib.damage.ReportLevel.RawRectangles)
+        self.xfixes.SelectCursorInput(self.root, xcffib.xfixes.CursorNotifyMask.DisplayCursor)
+        self.randr.SelectInput(self.root, xcffib.randr.NotifyMask.ScreenChange)
+        self.conn.flush()
+        self.keycodes = self._keycode_range()
+        if not view_only:
+            server.on_key, server.on_pointer = self.key, self.pointer
+        self._update_cursor()
+
+    # -- capture ---------------------------------------------------------------------------------
+    def _allocate(self, width: int, height: int) -> None:
+        for seg in self.segments:
+            seg.close(self.shm)
+        self.width, self.height = width, height
+        self.segments = [ShmSegment(self.conn, self.shm, width * height * 4) for _ in range(RING)]
+        self._next = 0
+        self.display.resize(width, height)
+
+    def capture(self, damage) -> None:
+        seg = self.segments[self._next]
+        self._next = (self._next + 1) % RING
+        with self.lock:
+            self.shm.GetImage(self.root, 0, 0, self.width, self.height, 0xFFFFFFFF,
+                              self.xproto.ImageFormat.ZPixmap, seg.seg, 0).reply()
+        frame = seg.array.reshape(self.height, self.width, 4)
+        self.display.update(frame, damage)
+
+    def run(self, stop: threading.Event) -> None:
+        """Capture damaged frames at up to `fps` until `stop` is set."""
+        self.capture(None)  # the first frame whole
+        period = 1.0 / self.fps
+        while not stop.is_set():
+            started = time.monotonic()
+            damage, resized, cursor = [], None, False
+            while (event := self.conn.poll_for_event()) is not None:
+                if isinstance(event, self.ext.damage.NotifyEvent):
+                    a = event.area
+                    damage.append((a.x, a.y, a.width, a.height))
+                elif isinstance(event, self.ext.randr.ScreenChangeNotifyEvent):
+                    resized = (event.width, event.height)
+                elif isinstance(event, self.ext.xfixes.CursorNotifyEvent):
+                    cursor = True
+            if resized and resized != (self.width, self.height):
+                with self.lock:
+                    self._allocate(*resized)
+                self.capture(None)
+            elif damage:
+                self.capture(damage)
+            if cursor:
+                self._update_cursor()
+            stop.wait(max(0.0, period - (time.monotonic() - started)))
+
+    # -- cursor ------------------------------------------------------------------------------------
+    def _update_cursor(self) -> None:
+        with self.lock:
+            image = self.xfixes.GetCursorImage().reply()
+        w, h = image.width, image.height
+        if not w or not h:
+            return
+        argb = np.array(image.cursor_image, dtype=np.uint32).reshape(h, w)
+        pixels = argb.view(np.uint8).reshape(h, w, 4).astype(np.uint16)  # B, G, R, A (premultiplied)
+        alpha = pixels[..., 3:4]
+        # XFIXES gives premultiplied alpha; SPICE ALPHA cursors are straight.
+        straight = np.where(alpha > 0, np.minimum(255, pixels[..., :3] * 255 // np.maximum(alpha, 1)), 0)
+        out = np.concatenate([straight, alpha], axis=2).astype(np.uint8)
+        self.server.set_cursor(out, image.xhot, image.yhot)
+
+    # -- input -------------------------------------------------------------------------------------
+    def _keycode_range(self) -> range:
+        setup = self.conn.get_setup()
+        return range(setup.min_keycode, setup.max_keycode + 1)
+
+    def keycode(self, scancode: int) -> int | None:
+        linux = EXTENDED_TO_LINUX.get(scancode) if scancode & 0x100 else scancode
+        if linux is None:
+            return None
+        code = linux + EVDEV_OFFSET
+        return code if code in self.keycodes else None
+
+    def key(self, scancode: int, pressed: bool) -> None:
+        code = self.keycode(scancode)
+        if code is None:
+            log.debug("no X keycode for scancode 0x%x", scancode)
+            return
+        kind = self.xproto.KeyPressEvent.event_code if pressed else self.xproto.KeyReleaseEvent.event_code
+        with self.lock:
+            self.xtest.FakeInput(kind, code, 0, self.root, 0, 0, 0)
+            self.conn.flush()
+
+    def pointer(self, x: int, y: int, buttons: int) -> None:
+        with self.lock:
+            self.xtest.FakeInput(self.xproto.MotionNotifyEvent.event_code, 0, 0, self.root, x, y, 0)
+            changed = buttons ^ self.buttons
+            for bit, button in BUTTON_BITS:
+                if changed & bit:
+                    kind = (self.xproto.ButtonPressEvent if buttons & bit else self.xproto.ButtonReleaseEvent).event_code
+                    self.xtest.FakeInput(kind, button, 0, self.root, 0, 0, 0)
+            self.buttons = buttons
+            self.conn.flush()
+
+    def close(self) -> None:
+        with self.lock:
+            for seg in self.segments:
+                seg.close(self.shm)
+            self.segments = []
+            self.conn.disconnect()
