@@ -30,6 +30,7 @@ EXTENDED_TO_LINUX = {
     0x15B: 125, 0x15C: 126, 0x15D: 127, 0x145: 119,
 }
 EVDEV_OFFSET = 8
+KEY_PRESS, KEY_RELEASE, BUTTON_PRESS, BUTTON_RELEASE, MOTION_NOTIFY = 2, 3, 4, 5, 6  # X core events
 BUTTON_BITS = ((1, 1), (2, 2), (4, 3), (8, 4), (16, 5), (32, 8), (64, 9))  # mask bit -> X button
 
 
@@ -159,8 +160,12 @@ class X11Source:
 
     # -- cursor ------------------------------------------------------------------------------------
     def _update_cursor(self) -> None:
-        with self.lock:
-            image = self.xfixes.GetCursorImage().reply()
+        try:
+            with self.lock:
+                image = self.xfixes.GetCursorImage().reply()
+        except self.xcffib.Error as exc:  # e.g. BadAccess for a cursor whose owner is gone
+            log.debug("cursor image unavailable: %s", type(exc).__name__)
+            return
         w, h = image.width, image.height
         if not w or not h:
             return
@@ -189,18 +194,18 @@ class X11Source:
         if code is None:
             log.debug("no X keycode for scancode 0x%x", scancode)
             return
-        kind = self.xproto.KeyPressEvent.event_code if pressed else self.xproto.KeyReleaseEvent.event_code
+        kind = KEY_PRESS if pressed else KEY_RELEASE
         with self.lock:
             self.xtest.FakeInput(kind, code, 0, self.root, 0, 0, 0)
             self.conn.flush()
 
     def pointer(self, x: int, y: int, buttons: int) -> None:
         with self.lock:
-            self.xtest.FakeInput(self.xproto.MotionNotifyEvent.event_code, 0, 0, self.root, x, y, 0)
+            self.xtest.FakeInput(MOTION_NOTIFY, 0, 0, self.root, x, y, 0)
             changed = buttons ^ self.buttons
             for bit, button in BUTTON_BITS:
                 if changed & bit:
-                    kind = (self.xproto.ButtonPressEvent if buttons & bit else self.xproto.ButtonReleaseEvent).event_code
+                    kind = BUTTON_PRESS if buttons & bit else BUTTON_RELEASE
                     self.xtest.FakeInput(kind, button, 0, self.root, 0, 0, 0)
             self.buttons = buttons
             self.conn.flush()

@@ -1,0 +1,183 @@
+"""Export a running X server: pixels, typing, cursor shape, and a clear error without the
+extensions we need. The served desktop is an Xvfb of its own; remote-viewer runs on another."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import spicestream
+from spicestream.protocol.messages import SERVER
+from spicestream.testing.client import TestClient
+
+import xclient
+from test_remote_viewer_streams import MARKERS, base_frame, locate
+
+pytestmark = pytest.mark.skipif(
+    bool(xclient.missing_tools(("Xvfb", "xdotool", "import", "xterm", "xsetroot"))),
+    reason="needs Xvfb, xdotool, imagemagick, xterm, xsetroot")
+pytest.importorskip("xcffib")
+
+from spicestream.sources.x11 import X11Error, X11Source  # noqa: E402
+
+W, H = 640, 480
+
+
+class Served:
+    """A served X desktop + spicestream exporting it from a thread."""
+
+    def __init__(self, tmp_path, view_only=False, xvfb_args=()):
+        self.x = xclient.XSession(W, H, log_dir=tmp_path / "served")
+        self.x.start()
+        self.server = spicestream.Server(port=0, width=64, height=64, streaming_video="off").start()
+        self.source = X11Source(self.x.display, self.server, view_only=view_only, fps=30)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.source.run, args=(self.stop,), daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(5)
+        self.source.close()
+        self.server.stop()
+        self.x.close()
+
+
+@pytest.fixture
+def served(tmp_path):
+    s = Served(tmp_path)
+    yield s
+    s.close()
+
+
+class Picture:
+    """A full-screen window on the served display showing a BGRx picture (our own X client)."""
+
+    def __init__(self, display: str, picture: np.ndarray):
+        import xcffib
+        import xcffib.xproto as xp
+
+        self.conn = xcffib.connect(display=display)
+        screen = self.conn.get_setup().roots[0]
+        window, gc = self.conn.generate_id(), self.conn.generate_id()
+        self.conn.core.CreateWindow(screen.root_depth, window, screen.root, 0, 0, W, H, 0,
+                                    xp.WindowClass.InputOutput, screen.root_visual,
+                                    xp.CW.OverrideRedirect, [1])
+        self.conn.core.MapWindow(window)
+        self.conn.core.CreateGC(gc, window, 0, [])
+        rows = 64  # keep each PutImage under the maximum request size
+        for y in range(0, H, rows):
+            chunk = np.ascontiguousarray(picture[y : y + rows]).tobytes()
+            self.conn.core.PutImage(xp.ImageFormat.ZPixmap, window, gc, W, min(rows, H - y), 0, y, 0,
+                                    screen.root_depth, len(chunk), chunk)
+        self.conn.flush()
+        self.conn.core.GetInputFocus().reply()  # a round trip: everything above is drawn
+
+    def close(self):
+        self.conn.disconnect()
+
+
+def show_picture(x: xclient.XSession, picture: np.ndarray, tmp_path) -> Picture:
+    return Picture(x.display, picture)
+
+
+def markers_rgb() -> np.ndarray:
+    return base_frame()  # 640x480 BGRx with coloured corner markers
+
+
+def test_client_sees_exactly_what_the_x_server_shows(served, tmp_path):
+    picture = show_picture(served.x, markers_rgb(), tmp_path)  # noqa: F841 (keeps the window)
+    with TestClient("127.0.0.1", served.server.port) as client:
+        def same(c):
+            shot = served.x.screenshot()
+            return c.frame is not None and c.frame.shape[:2] == (H, W) and \
+                np.array_equal(c.frame[..., 2::-1], shot)
+        client.wait_for(same, timeout=20, what="the client's picture to equal an import of the X display")
+
+
+def test_remote_viewer_shows_the_x_desktop(served, tmp_path):
+    picture = show_picture(served.x, markers_rgb(), tmp_path)  # noqa: F841 (keeps the window)
+    served_shot = served.x.screenshot()
+    assert (served_shot[0, 0] == (255, 0, 0)).all()
+    with xclient.XSession(1024, 768, log_dir=tmp_path / "client") as viewer_x:
+        viewer = viewer_x.start_viewer(f"spice://127.0.0.1:{served.server.port}")
+        viewer_x.find_window(viewer)
+        to_screen, _ = xclient.wait_until(lambda: locate(viewer_x.screenshot()), 20, 0.3, "the markers")
+        shot = viewer_x.screenshot()
+        viewer_x.save(shot, tmp_path / "viewer.png")
+        # Same pixels at a grid of points (the viewer shows the display 1:1 or scaled).
+        for y in range(8, H, 37):
+            for x in range(8, W, 41):
+                sx, sy = to_screen(x + 0.5, y + 0.5)
+                got = shot[int(sy), int(sx)].astype(int)
+                want = served_shot[y, x].astype(int)
+                assert np.abs(got - want).max() <= 12, ((x, y), got, want)
+
+
+def test_typing_in_remote_viewer_reaches_an_xterm(served, tmp_path):
+    out = tmp_path / "typed.txt"
+    term = served.x.spawn(["xterm", "-geometry", "60x10+20+20", "-e", "sh", "-c", f'read line; echo "$line" > {out}'],
+                          name="xterm")
+    xterm_window = served.x.find_window(term, class_name="xterm")
+    served.x.focus(xterm_window)
+    with xclient.XSession(1024, 768, log_dir=tmp_path / "client") as viewer_x:
+        viewer = viewer_x.start_viewer(f"spice://127.0.0.1:{served.server.port}")
+        window = viewer_x.find_window(viewer)
+        xclient.wait_until(lambda: served.server.sessions == 1, 10, 0.1, "the session")
+        time.sleep(1.0)  # the display and inputs channels come up
+        viewer_x.focus(window)
+        viewer_x.type("hello spice")
+        viewer_x.key("Return")
+        text = xclient.wait_until(lambda: out.exists() and out.read_text().strip(), 10, 0.2, "the typed line")
+    assert text == "hello spice"
+
+
+def test_cursor_shape_follows_the_x_server(served):
+    term = served.x.spawn(["xterm", "-geometry", "80x24+0+0"], name="xterm")
+    served.x.find_window(term, class_name="xterm")
+    with TestClient("127.0.0.1", served.server.port) as client:
+        client.wait_for(lambda c: c.cursor is not None)
+        served.x.move(600, 400)
+        served.x.move(100, 100)  # over the xterm: the displayed cursor becomes its I-beam
+        client.wait_for(lambda c: any(type(m) is SERVER.CURSOR_SET for m in c.messages), timeout=10,
+                        what="a CURSOR_SET")
+        shape = [m for m in client.messages if type(m) is SERVER.CURSOR_SET][-1].cursor
+        width, height = int.from_bytes(shape[11:13], "little"), int.from_bytes(shape[13:15], "little")
+        pixels = np.frombuffer(shape[19:], np.uint8).reshape(height, width, 4)
+        assert (pixels[..., 3] > 0).sum() > 20 and shape != client.cursor.cursor
+
+
+def test_missing_extensions_are_named(tmp_path):
+    # A display without MIT-SHM and DAMAGE: an Xvfb started with them turned off.
+    xvfb = shutil.which("Xvfb")
+    for number in range(130, 160):
+        proc = subprocess.Popen([xvfb, f":{number}", "-screen", "0", "320x240x24", "-extension", "MIT-SHM",
+                                 "-extension", "DAMAGE", "-nolisten", "tcp"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1.0)
+        if proc.poll() is None:
+            break
+    try:
+        server = spicestream.Server(port=0, width=64, height=64)
+        with pytest.raises(X11Error, match="MIT-SHM, DAMAGE"):
+            X11Source(f":{number}", server)
+        result = subprocess.run([sys.executable, "-m", "spicestream", "serve", "--port", "0", "--source",
+                                 "x11", "--x-display", f":{number}"], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 1 and "MIT-SHM, DAMAGE" in result.stderr, result.stderr
+    finally:
+        proc.kill()
+        proc.wait(5)
+
+
+def test_view_only_ignores_input(tmp_path):
+    s = Served(tmp_path, view_only=True)
+    try:
+        assert s.server.on_key is None and s.server.on_pointer is None
+    finally:
+        s.close()
