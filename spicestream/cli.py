@@ -35,6 +35,16 @@ def _fps(text: str) -> float:
     return value
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 1 <= value <= 1000:
+        raise argparse.ArgumentTypeError(f"{value} is not in 1..1000")
+    return value
+
+
 def _port(text: str) -> int:
     try:
         value = int(text)
@@ -60,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="what to display: the demo desktop, or a running X server (default demo)")
     serve.add_argument("--x-display", metavar=":N", help="with --source x11: the X display to serve")
     serve.add_argument("--view-only", action="store_true", help="with --source x11: ignore client input")
+    serve.add_argument("--max-clients", type=_positive, default=8, metavar="N",
+                       help="most clients connected at once (default 8)")
     serve.add_argument("--size", type=_size, default=(1280, 720), metavar="WxH", help="display size (default 1280x720)")
     serve.add_argument("--fps", type=_fps, default=30.0, help="frames per second of the source (default 30)")
     serve.add_argument("--video-codecs", type=_codec_list, default=DEFAULT_CODECS, metavar="LIST",
@@ -112,7 +124,7 @@ def serve(parser, args) -> int:
     width, height = args.size
     server = Server(host=args.host, port=args.port, password=password, width=width, height=height,
                     video_codecs=args.video_codecs, streaming_video=args.streaming_video,
-                    unix_path=args.unix)
+                    unix_path=args.unix, max_clients=args.max_clients)
     try:
         server.start()
     except OSError as exc:

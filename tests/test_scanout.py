@@ -345,9 +345,10 @@ def inject_encoder_error(server):
 
     for channel in list(server._core.display_channels):
         stream = channel.streams.active if channel.streams else None
-        if stream is not None and hasattr(stream.encoder, "pipeline"):
+        encoder = stream.encoder.encoder if stream is not None else None
+        if encoder is not None and hasattr(encoder, "pipeline") and not encoder.closed:
             error = GLib.Error.new_literal(Gst.CoreError.quark(), "injected", Gst.CoreError.FAILED)
-            stream.encoder.pipeline.get_bus().post(Gst.Message.new_error(stream.encoder.enc, error, "test"))
+            encoder.pipeline.get_bus().post(Gst.Message.new_error(encoder.enc, error, "test"))
 
 
 def test_ten_thousand_draws_complete_exactly_once_within_a_second():

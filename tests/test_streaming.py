@@ -253,7 +253,7 @@ def inject_pipeline_error(server):
     from gi.repository import GLib, Gst
 
     channel = next(iter(server._core.display_channels))
-    encoder = channel.streams.active.encoder
+    encoder = channel.streams.active.encoder.encoder  # the real encoder behind the subscription
     error = GLib.Error.new_literal(Gst.CoreError.quark(), "injected failure", Gst.CoreError.FAILED)
     encoder.pipeline.get_bus().post(Gst.Message.new_error(encoder.enc, error, "test"))
     return encoder
@@ -267,9 +267,9 @@ def test_pipeline_error_rebuilds_once_then_switches_codec(make_server):
         channel = next(iter(server._core.display_channels))
         first = inject_pipeline_error(server)
         deadline = time.monotonic() + 5
-        while channel.streams.active.encoder is first and time.monotonic() < deadline:
+        while channel.streams.active.encoder.encoder is first and time.monotonic() < deadline:
             time.sleep(0.01)
-        rebuilt = channel.streams.active.encoder
+        rebuilt = channel.streams.active.encoder.encoder
         assert rebuilt is not first and first.closed  # same stream, new pipeline
         assert len(created(client)) == 1
         frames = len(client.stream_log)

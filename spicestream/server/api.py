@@ -36,7 +36,7 @@ class Server:
     def __init__(self, host: str = "127.0.0.1", port: int = 5900, password: str | None = None,
                  *, name: str = "spicestream", width: int = 1024, height: int = 768,
                  video_codecs: str = DEFAULT_CODECS, streaming_video: str = "filter",
-                 unix_path: str | None = None):
+                 unix_path: str | None = None, max_clients: int = 8):
         """`video_codecs`: "encoder:codec" entries separated by ";" (spice-server syntax),
         e.g. "gstreamer:h264;spice:mjpeg"; raises CodecListError for a bad list.
         `streaming_video`: "off", "all" or "filter" (spice-server's modes)."""
@@ -51,6 +51,9 @@ class Server:
         codecs = None if streaming_video == "off" else VideoCodecs(video_codecs)
         self._core = ServerCore(self.display, None if password is None else password.encode(), name,
                                 codecs)
+        if max_clients < 1:
+            raise ValueError("max_clients must be at least 1")
+        self._core.max_clients = max_clients
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         self._stopping: asyncio.Event | None = None
@@ -95,6 +98,14 @@ class Server:
             loop.call_soon_threadsafe(self._core.set_cursor, data)
         else:
             self._core.cursor = data
+
+    def clients(self) -> list[int]:
+        """Session ids of the connected clients."""
+        return list(self._core.sessions)
+
+    def set_client_input(self, session_id: int, enabled: bool) -> None:
+        """Let one client drive the display, or make it view-only."""
+        self._core.sessions[session_id].input_enabled = bool(enabled)
 
     @property
     def sessions(self) -> int:

@@ -193,6 +193,10 @@ class InputsChannel(ChannelHandler):
 
     def handle(self, message) -> None:
         kind = type(message)
+        if kind in MOTION_KINDS:
+            self._count_motion()  # acked even when ignored, or the client's pointer freezes
+        if not self.session.input_enabled:
+            return
         if kind in (CLIENT.INPUTS_KEY_DOWN, CLIENT.INPUTS_KEY_UP):
             for code, pressed in parse_key_code(message.code):
                 self.core.emit_key(code, pressed)
@@ -203,14 +207,12 @@ class InputsChannel(ChannelHandler):
             self.modifiers = message.modifiers
         elif kind is CLIENT.INPUTS_MOUSE_POSITION:
             self._pointer(message.x, message.y, message.buttons_state)
-            self._count_motion()
         elif kind is CLIENT.INPUTS_MOUSE_MOTION:
             x, y, _ = self.session.pointer
             display = self.core.display
             x = min(max(x + message.dx, 0), display.width - 1)
             y = min(max(y + message.dy, 0), display.height - 1)
             self._pointer(x, y, message.buttons_state)
-            self._count_motion()
         elif kind in (CLIENT.INPUTS_MOUSE_PRESS, CLIENT.INPUTS_MOUSE_RELEASE):
             mask = BUTTON_MASKS.get(message.button, 0)
             buttons = message.buttons_state | mask
@@ -228,6 +230,9 @@ class InputsChannel(ChannelHandler):
         self.motions += 1
         if self.motions % MOTION_ACK_BUNCH == 0:
             self.conn.send(SERVER.INPUTS_MOUSE_MOTION_ACK())
+
+
+MOTION_KINDS = (CLIENT.INPUTS_MOUSE_POSITION, CLIENT.INPUTS_MOUSE_MOTION)
 
 
 class CursorChannel(ChannelHandler):

@@ -19,6 +19,7 @@ from ..protocol.constants import ChannelType, DisplayCap, InputsCap, LinkError, 
 from ..protocol.link import LinkRequested
 from ..protocol.messages import SERVER
 from .channels import CursorChannel, DisplayChannel, InputsChannel, MainChannel
+from .sharing import EncoderRegistry
 
 log = logging.getLogger("spicestream.server")
 
@@ -42,6 +43,7 @@ OFFERED = [(ChannelType.DISPLAY, 0), (ChannelType.INPUTS, 0), (ChannelType.CURSO
 # for every stream; we keep the clocks together and put the delay in each stream's stamps,
 # where the rate controller adapts it per client (video/ratecontrol.py, playout delay).
 INIT_LATENCY_MS = 0
+DEFAULT_MAX_CLIENTS = 8
 
 
 class Session:
@@ -51,6 +53,7 @@ class Session:
         self.channels: set = set()
         self.mouse_mode = MouseMode.CLIENT
         self.pointer = (0, 0, 0)  # x, y, buttons
+        self.input_enabled = True  # the server may make a watcher view-only
 
 
 class ServerCore:
@@ -65,9 +68,11 @@ class ServerCore:
         self.display_channels: set[DisplayChannel] = set()
         self.cursor_channels: set[CursorChannel] = set()
         self.cursor: bytes | None = None  # the current shape (None: the default arrow)
+        self.encoders = EncoderRegistry()  # shared video encoders, by codec and region
         self.on_key: Callable[[int, bool], None] | None = None
         self.on_pointer: Callable[[int, int, int], None] | None = None
         self.latency_ms = INIT_LATENCY_MS
+        self.max_clients = DEFAULT_MAX_CLIENTS
         self.offered = OFFERED
         self._epoch = time.monotonic()
 
@@ -100,6 +105,8 @@ class ServerCore:
         if self.password is not None and not hmac.compare_digest(password, self.password):
             return LinkError.PERMISSION_DENIED, None, "wrong password"
         if request.channel_type == ChannelType.MAIN:
+            if len(self.sessions) >= self.max_clients:
+                return LinkError.ERROR, None, f"already {len(self.sessions)} clients (--max-clients)"
             session_id = secrets.randbits(32) or 1
             while session_id in self.sessions:
                 session_id = secrets.randbits(32) or 1

@@ -28,6 +28,7 @@ from ..video.encoder import EncodedFrame, EncoderError, VideoEncoder
 from ..video.mjpeg import QUALITY_STEPS
 from ..video.ratecontrol import RateController
 from . import tcpinfo
+from .sharing import Subscription
 
 log = logging.getLogger("spicestream.streams")
 
@@ -35,6 +36,8 @@ STREAM_TOP_DOWN = 1
 REPORT_WINDOW = 5  # frames per client report (spice-server's value)
 REPORT_TIMEOUT_MS = 1000
 UNSUPPORTED_DROPS = 0xFFFFFFFF  # num_drops of a "cannot decode this stream" report
+KEY_REQUEST_WINDOW_S = 5.0
+KEY_REQUESTS_TO_DEMOTE = 4
 STALL_KEY_FRAME_S = 1.0  # after this long without feeding the encoder, resume with a key frame
 RECENT_FRAMES = 512  # per-frame timings kept for stats and benchmarks
 BITS_PER_PIXEL_FRAME = 0.1  # starting bit rate: about 6 Mbit/s for 1080p at 30 fps...
@@ -61,6 +64,8 @@ class ActiveStream:
     held: EncodedFrame | None = None  # encoded, waiting for the socket (newest only)
     awaiting_key: bool = False  # an encoded frame was dropped: send nothing until a key frame
     quality_index: int = len(QUALITY_STEPS) - 2
+    held_meta: tuple | None = None
+    key_requests: list = field(default_factory=list)
     recent: collections.deque = field(default_factory=lambda: collections.deque(maxlen=RECENT_FRAMES))
     stats: dict = field(default_factory=dict)
 
@@ -110,7 +115,7 @@ class StreamSender:
                 log.warning("%s: %s unusable, trying the next codec: %s", self.conn.peer, entry, exc)
                 self.failed.add(entry)
         stream = ActiveStream(region, entry, encoder, secrets.randbits(32), rate,
-                              last_fed=time.monotonic())
+                              last_fed=time.monotonic(), awaiting_key=encoder.joined_running)
         self.active = stream
         dest = Rect(top=region.y, left=region.x, bottom=region.y + region.height,
                     right=region.x + region.width)
@@ -136,16 +141,21 @@ class StreamSender:
         return scanout.gst_format if scanout is not None else "BGRx"
 
     def _create_encoder(self, entry: CodecEntry, region: StreamRegion, bit_rate: int, fps: int,
-                        pixel_format: str = "BGRx") -> VideoEncoder:
+                        pixel_format: str = "BGRx", shared: bool = True) -> Subscription:
+        """Join the encoder other clients use for this region and codec, or start one."""
         def on_frame(frame: EncodedFrame) -> None:  # encoder thread
-            self._loop.call_soon_threadsafe(self._send_frame, encoder, frame)
+            self._loop.call_soon_threadsafe(self._send_frame, sub, frame)
 
         def on_error(message: str) -> None:  # any thread
-            self._loop.call_soon_threadsafe(self._encoder_failed, encoder, message)
+            self._loop.call_soon_threadsafe(self._encoder_failed, sub, message)
 
-        encoder = self.codecs.create(entry, region.width, region.height, bit_rate, on_frame, on_error, fps,
-                                     pixel_format)
-        return encoder
+        def make(hub_on_frame, hub_on_error) -> VideoEncoder:
+            return self.codecs.create(entry, region.width, region.height, bit_rate, hub_on_frame,
+                                      hub_on_error, fps, pixel_format)
+
+        key = (entry, region.stream_id, region.rect, pixel_format)
+        sub = self.core.encoders.subscribe(key, make, on_frame, on_error, shared=shared)
+        return sub
 
     def end(self, lossless: bool) -> None:
         """STREAM_DESTROY; with `lossless`, the area is then re-sent as exact pixels."""
@@ -220,29 +230,23 @@ class StreamSender:
         if now - stream.last_fed > STALL_KEY_FRAME_S and stream.generation >= 0:
             stream.encoder.force_key_frame()  # the client has waited: give it a fresh start
         stream.generation, stream.last_fed = generation, now
-        # Stamps never go backwards (spice-gtk flushes its MJPEG queue when they do), even
-        # while the playout delay shrinks.
-        stamp = max(self.core.mm_time_at(published) + int(stream.rate.playout_ms), stream.last_stamp + 1)
-        stamp = stamp & 0xFFFFFFFF or 1
+        # Encoders carry the capture time; each client's stamp adds its own playout delay
+        # when the frame is sent (one encode may serve several clients).
+        capture_mm = self.core.mm_time_at(published)
         picture = frame if scanout else frame[r.y : r.y + r.height, r.x : r.x + r.width]
-        stream.recent.append({"stamp": stamp, "capture": published, "generation": generation})
-        if not stream.encoder.encode(picture, stamp):
-            stream.recent.pop()
+        if not stream.encoder.encode(picture, capture_mm, generation, published):
             return scanout  # a refused scanout was released by the encoder
-        stream.last_stamp = stamp
         return True
 
     def _send_frame(self, encoder: VideoEncoder, frame: EncodedFrame) -> None:
         stream = self.active
         if stream is None or stream.encoder is not encoder or self.conn.closed:
             return  # a frame of a stream that has ended since
-        if self.display.scanout is not None:
+        meta = encoder.frame_meta(frame.timestamp_ms)
+        if self.display.scanout is not None and meta is not None:
             # The encoder has read the input: this client has what it needs from every draw
             # up to that frame, whatever happens to the encoded bytes now.
-            for entry in reversed(stream.recent):
-                if entry["stamp"] == frame.timestamp_ms:
-                    self.display.draws.consumed(self, entry["generation"])
-                    break
+            self.display.draws.consumed(self, meta[0])
         if stream.awaiting_key:
             if not frame.key:
                 stream.dropped["awaiting key frame"] += 1
@@ -256,9 +260,10 @@ class StreamSender:
             if not frame.key and stream.entry.codec != Codec.MJPEG:
                 stream.awaiting_key = True
                 stream.dropped["awaiting key frame"] += 1
-                encoder.force_key_frame()
+                self._need_key(stream)
                 return
         stream.held = frame
+        stream.held_meta = meta
         self._flush_held(stream)
         self.channel.writable()  # room in the encoder again: feed the newest frame
 
@@ -268,23 +273,28 @@ class StreamSender:
             return
         stream.held = None
         r = stream.region
+        # Stamps never go backwards (spice-gtk flushes its MJPEG queue when they do), even
+        # while the playout delay shrinks.
+        stamp = max(frame.timestamp_ms + int(stream.rate.playout_ms), stream.last_stamp + 1)
+        stream.last_stamp = stamp
+        stamp = stamp & 0xFFFFFFFF or 1
         if self.sized:
             dest = Rect(top=r.y, left=r.x, bottom=r.y + r.height, right=r.x + r.width)
-            message = SERVER.DISPLAY_STREAM_DATA_SIZED(r.stream_id, frame.timestamp_ms, frame.width,
+            message = SERVER.DISPLAY_STREAM_DATA_SIZED(r.stream_id, stamp, frame.width,
                                                        frame.height, dest, frame.data)
         else:
-            message = SERVER.DISPLAY_STREAM_DATA(r.stream_id, frame.timestamp_ms, frame.data)
+            message = SERVER.DISPLAY_STREAM_DATA(r.stream_id, stamp, frame.data)
         self.conn.send(message)
         self.conn.flush()
         stream.frames_sent += 1
         stream.bytes_sent += len(frame.data)
         stream.rate.on_sent(time.monotonic(), len(frame.data))
         stream.copied_bytes += frame.copied_bytes
-        for entry in reversed(stream.recent):
-            if entry["stamp"] == frame.timestamp_ms:
-                entry.update(written=time.monotonic(), size=len(frame.data), key=frame.key,
-                             buffered=self.conn.transport.get_write_buffer_size())
-                break
+        meta = stream.held_meta
+        stream.recent.append({"stamp": stamp, "capture": meta[1] if meta else None,
+                              "generation": meta[0] if meta else None, "written": time.monotonic(),
+                              "size": len(frame.data), "key": frame.key,
+                              "buffered": self.conn.transport.get_write_buffer_size()})
 
     # -- rate control ------------------------------------------------------------------------
     def control_tick(self, now: float) -> None:
@@ -305,7 +315,32 @@ class StreamSender:
         self._tune_quality(stream)
 
     def _apply_rate(self, stream: ActiveStream) -> None:
-        stream.encoder.set_bit_rate(stream.rate.target)
+        if stream.encoder.set_bit_rate(stream.rate.target) and stream.encoder.shared_by > 1:
+            self._demote(stream, "its link is far slower than the other clients'")
+
+    def _need_key(self, stream: ActiveStream) -> None:
+        """This client lost a frame. On a shared encoder, one that keeps losing frames gets an
+        encoder of its own rather than costing everyone key frames."""
+        now = time.monotonic()
+        stream.key_requests = [t for t in stream.key_requests if now - t < KEY_REQUEST_WINDOW_S] + [now]
+        if stream.encoder.shared_by > 1 and len(stream.key_requests) >= KEY_REQUESTS_TO_DEMOTE:
+            self._demote(stream, "it keeps missing frames")
+        else:
+            stream.encoder.force_key_frame()
+
+    def _demote(self, stream: ActiveStream, why: str) -> None:
+        try:
+            private = self._create_encoder(stream.entry, stream.region, stream.rate.target,
+                                           round(stream.rate.fps), self._pixel_format(), shared=False)
+        except EncoderError as exc:
+            log.warning("%s: cannot give it its own encoder: %s", self.conn.peer, exc)
+            return
+        log.info("%s: own encoder for stream %d: %s", self.conn.peer, stream.region.stream_id, why)
+        stream.encoder.close()
+        stream.encoder = private
+        stream.generation, stream.awaiting_key, stream.held = -1, False, None
+        stream.key_requests = []
+        self.channel.writable()
 
     def _tune_quality(self, stream: ActiveStream) -> None:
         """MJPEG has no bit-rate target: step JPEG quality to fit the rate's per-frame budget."""

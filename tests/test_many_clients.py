@@ -1,0 +1,178 @@
+"""Many clients, one encode: sharing, late joiners, slow clients, limits, per-client input."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import spicestream
+from spicestream.protocol.constants import ChannelType as Ch
+from spicestream.protocol.constants import DisplayCap, LinkError
+from spicestream.protocol.messages import CLIENT
+from spicestream.testing.client import LinkRefused, TestClient
+
+pytest.importorskip("gi")
+
+W, H = 640, 480
+CAPS = (DisplayCap.SIZED_STREAM, DisplayCap.MONITORS_CONFIG, DisplayCap.STREAM_REPORT,
+        DisplayCap.MULTI_CODEC, DisplayCap.CODEC_MJPEG, DisplayCap.CODEC_H264, DisplayCap.CODEC_VP8)
+
+
+class Player:
+    def __init__(self, display, fps=30):
+        self.display, self.fps, self.k = display, fps, 0
+        rng = np.random.default_rng(0)
+        small = rng.integers(0, 256, (H // 16, W // 16, 4), dtype=np.uint8)
+        self.texture = np.repeat(np.repeat(small, 16, axis=0), 16, axis=1)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self):
+        while not self.stop.is_set():
+            self.display.update(np.roll(self.texture, self.k * 8, axis=1), [(0, 0, W, H)])
+            self.k += 1
+            self.stop.wait(1 / self.fps)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def server():
+    srv = spicestream.Server(port=0, width=W, height=H, video_codecs="gstreamer:h264;gstreamer:vp8",
+                             streaming_video="all").start()
+    yield srv
+    srv.stop()
+
+
+def hubs(server):
+    return list(server._core.encoders.hubs.values())
+
+
+def test_clients_on_the_same_codec_share_one_encoder(server):
+    with Player(server.display):
+        clients = [TestClient("127.0.0.1", server.port, display_caps=CAPS, decode_streams=False).connect()
+                   for _ in range(4)]
+        try:
+            for c in clients:
+                c.wait_for(lambda c: len(c.stream_log) > 20, timeout=20, what="stream frames")
+            assert len(hubs(server)) == 1
+            hub = hubs(server)[0]
+            assert len(hub.subscribers) == 4
+            streams = [c["streams"]["active"] for c in server.stats()["clients"]]
+            assert all(s["shared_by"] == 4 for s in streams)
+            # One encode per frame, not four.
+            assert hub.frames_encoded <= max(s["frames_sent"] for s in streams) + 5
+            # A client that needs another codec gets its own encoder.
+            vp8_only = (DisplayCap.MONITORS_CONFIG, DisplayCap.MULTI_CODEC, DisplayCap.CODEC_MJPEG,
+                        DisplayCap.CODEC_VP8)
+            other = TestClient("127.0.0.1", server.port, display_caps=vp8_only, decode_streams=False).connect()
+            other.wait_for(lambda c: len(c.stream_log) > 5, timeout=20, what="VP8 frames")
+            assert len(hubs(server)) == 2
+            other.close()
+            clients.pop().close()
+            deadline = time.monotonic() + 5
+            while len(hubs(server)[0].subscribers) != 3 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert len(hubs(server)) == 1 and len(hubs(server)[0].subscribers) == 3
+        finally:
+            for c in clients:
+                c.close()
+
+
+def test_late_joiner_decodes_its_first_frame_within_100_ms(server):
+    with Player(server.display):
+        first = TestClient("127.0.0.1", server.port, display_caps=CAPS, decode_streams=False).connect()
+        try:
+            first.wait_for(lambda c: len(c.stream_log) > 30, timeout=20, what="a running stream")
+            waits = []
+            for _ in range(3):
+                with TestClient("127.0.0.1", server.port, display_caps=CAPS) as late:
+                    late.wait_for(lambda c: c.stream_log, timeout=5, what="the first frame")
+                    entry = late.stream_log[0]
+                    assert entry["picture"] is not None, "the first frame did not decode"
+                    waits.append(entry["arrival"] - late.display_init_sent)
+                    late.wait_for(lambda c: len(c.stream_log) > 10, timeout=5)
+                    assert all(e["picture"] is not None for e in late.stream_log[:10])
+            assert min(waits) < 0.100, waits
+            assert len(hubs(server)) == 1  # the joiners used the running encoder
+        finally:
+            first.close()
+
+
+def test_a_stalled_client_gets_its_own_encoder_and_others_keep_full_rate(server):
+    with Player(server.display) as player:
+        healthy = TestClient("127.0.0.1", server.port, display_caps=CAPS, decode_streams=False,
+                             log_limit=100_000).connect()
+        slow = TestClient("127.0.0.1", server.port, display_caps=CAPS, decode_streams=False).connect()
+        try:
+            for c in (healthy, slow):
+                c.wait_for(lambda c: len(c.stream_log) > 10, timeout=20)
+            slow.stall()
+            t0, n0 = time.monotonic(), len(healthy.stream_log)
+            time.sleep(6)
+            rate = (len(healthy.stream_log) - n0) / (time.monotonic() - t0)
+            assert rate >= 0.85 * player.fps, rate
+            # The stalled client was moved to an encoder of its own, so the healthy one stops
+            # paying for its key frames.
+            assert len(hubs(server)) == 2, [len(h.subscribers) for h in hubs(server)]
+            slow.resume()
+            slow.wait_for(lambda c: len(c.stream_log) > 20, timeout=10)
+        finally:
+            healthy.close()
+            slow.close()
+
+
+def test_max_clients_refuses_the_next_one():
+    srv = spicestream.Server(port=0, width=64, height=64, max_clients=2).start()
+    try:
+        a = TestClient("127.0.0.1", srv.port).connect()
+        b = TestClient("127.0.0.1", srv.port).connect()
+        with pytest.raises(LinkRefused) as info:
+            TestClient("127.0.0.1", srv.port).connect()
+        assert info.value.error == LinkError.ERROR
+        a.close()
+        deadline = time.monotonic() + 5
+        while srv.sessions > 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        TestClient("127.0.0.1", srv.port).connect().close()  # room again
+        b.close()
+    finally:
+        srv.stop()
+
+
+def test_clients_sharing_a_ticket_share_the_display_and_leave_independently():
+    srv = spicestream.Server(port=0, width=64, height=64, password="team").start()
+    try:
+        keys = []
+        srv.on_key = lambda code, pressed: keys.append((code, pressed))
+        a = TestClient("127.0.0.1", srv.port, password="team").connect()
+        b = TestClient("127.0.0.1", srv.port, password="team").connect()
+        frame = np.full((64, 64, 4), 200, np.uint8)
+        srv.display.update(frame)
+        for c in (a, b):
+            c.wait_for(lambda c: c.frame is not None and (c.frame[..., :3] == 200).all())
+        # One client made view-only: its keys are ignored, the other's arrive.
+        srv.set_client_input(a.session_id, False)
+        a.key(0x10)
+        b.key(0x11)
+        b.wait_for(lambda c: (0x11, False) in keys)
+        assert (0x10, True) not in keys
+        for i in range(8):  # its pointer moves are still acknowledged
+            a.send(Ch.INPUTS, CLIENT.INPUTS_MOUSE_POSITION(i, i, 0, 0))
+        a.wait_for(lambda c: c.motion_acks == 2)
+        a.close()
+        frame = np.full((64, 64, 4), 90, np.uint8)
+        srv.display.update(frame)
+        b.wait_for(lambda c: (c.frame[..., :3] == 90).all())
+        b.close()
+    finally:
+        srv.stop()
