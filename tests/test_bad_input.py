@@ -45,7 +45,8 @@ REJECT_REPLY_BYTES = LINK_HEADER.size + LINK_REPLY.size  # 16 + 178
 # -- fixtures -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server():
-    srv = spicestream.Server(host=HOST, port=0, width=W, height=H, password=PASSWORD).start()
+    srv = spicestream.Server(host=HOST, port=0, width=W, height=H, password=PASSWORD,
+                             max_clients=64).start()  # many fuzzing sessions at once
     yield srv
     srv.stop()
 

@@ -389,7 +389,8 @@ def test_client_side_set_ack_window_zero():
 # =================================================================================================
 @pytest.fixture(scope="module")
 def server():
-    srv = spicestream.Server(host=HOST, port=0, width=W, height=H, password=PASSWORD).start()
+    srv = spicestream.Server(host=HOST, port=0, width=W, height=H, password=PASSWORD,
+                             max_clients=64).start()  # many fuzzing sessions at once
     yield srv
     srv.stop()
 
