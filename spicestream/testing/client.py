@@ -139,6 +139,7 @@ class TestClient:
             for channel in self.channels.values():
                 channel.writer.close()
                 channel.task.cancel()
+            await asyncio.gather(*(c.task for c in self.channels.values()), return_exceptions=True)
 
         if self._loop.is_running():
             asyncio.run_coroutine_threadsafe(_close(), self._loop).result(5)
