@@ -12,3 +12,25 @@ def random_frame(height, width, seed=0):
 def same_picture(a, b):
     """Equal in B, G, R (the x byte is not part of the picture)."""
     return a is not None and b is not None and a.shape == b.shape and (a[..., :3] == b[..., :3]).all()
+
+
+class Background:
+    """Runs `self.run()` on a daemon thread between `with` and its end; `run` loops until
+    `self.stop` is set. Subclasses call `super().__init__()` and define `run`."""
+
+    def __init__(self):
+        import threading
+
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(5)

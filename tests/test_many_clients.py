@@ -8,6 +8,8 @@ import time
 import numpy as np
 import pytest
 
+from helpers import Background
+
 import spicestream
 from spicestream.protocol.constants import ChannelType as Ch
 from spicestream.protocol.constants import DisplayCap, LinkError
@@ -21,28 +23,19 @@ CAPS = (DisplayCap.SIZED_STREAM, DisplayCap.MONITORS_CONFIG, DisplayCap.STREAM_R
         DisplayCap.MULTI_CODEC, DisplayCap.CODEC_MJPEG, DisplayCap.CODEC_H264, DisplayCap.CODEC_VP8)
 
 
-class Player:
+class Player(Background):
     def __init__(self, display, fps=30):
         self.display, self.fps, self.k = display, fps, 0
         rng = np.random.default_rng(0)
         small = rng.integers(0, 256, (H // 16, W // 16, 4), dtype=np.uint8)
         self.texture = np.repeat(np.repeat(small, 16, axis=0), 16, axis=1)
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
+        super().__init__()
 
     def run(self):
         while not self.stop.is_set():
             self.display.update(np.roll(self.texture, self.k * 8, axis=1), [(0, 0, W, H)])
             self.k += 1
             self.stop.wait(1 / self.fps)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join(5)
 
 
 @pytest.fixture

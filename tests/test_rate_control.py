@@ -11,6 +11,8 @@ import time
 import numpy as np
 import pytest
 
+from helpers import Background
+
 import spicestream
 from spicestream.protocol.constants import DisplayCap
 from spicestream.testing.client import TestClient
@@ -29,7 +31,7 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * 4096
 
 
-class MovingContent:
+class MovingContent(Background):
     """Full-screen moving content at a steady rate: a textured picture scrolling sideways,
     with a band of fresh noise every frame so the encoder always has more to send than a
     5 Mbit/s link carries."""
@@ -40,9 +42,8 @@ class MovingContent:
         small = rng.integers(0, 256, (height // 8, width // 8, 4), dtype=np.uint8)
         self.texture = np.repeat(np.repeat(small, 8, axis=0), 8, axis=1)
         self.texture[..., 3] = 255
-        self.stop = threading.Event()
         self.frames = 0
-        self.thread = threading.Thread(target=self.run, daemon=True)
+        super().__init__()
 
     def run(self):
         period, next_at = 1 / self.fps, time.monotonic()
@@ -56,14 +57,6 @@ class MovingContent:
             self.frames += 1
             next_at += period
             self.stop.wait(max(0.0, next_at - time.monotonic()))
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join(5)
 
 
 def active_stream(server):

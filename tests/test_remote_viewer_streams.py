@@ -20,6 +20,7 @@ import pytest
 import spicestream
 
 import xclient
+from helpers import Background
 
 pytestmark = [pytest.mark.realclient,
               pytest.mark.skipif(bool(xclient.missing_tools()), reason="needs Xvfb, remote-viewer, xdotool, import")]
@@ -52,12 +53,11 @@ def square_x(k: int) -> int:
     return REGION[0] + (pos if pos < span else 2 * span - pos)
 
 
-class Player:
+class Player(Background):
     """Draws the moving picture at 30 fps from a thread, remembering where the square is."""
 
     def __init__(self, display):
         self.display, self.k = display, 0
-        self.stop = threading.Event()
         self.base = base_frame()
         x, y, w, h = REGION
         yy, xx = np.mgrid[0:h, 0:w]
@@ -65,7 +65,7 @@ class Player:
         self.pattern[..., 0] = 120 + (xx * 100 // w)
         self.pattern[..., 1] = 60 + (yy * 120 // h)
         self.pattern[..., 2] = 90
-        self.thread = threading.Thread(target=self.run, daemon=True)
+        super().__init__()
 
     def run(self) -> None:
         x, y, w, h = REGION
@@ -77,14 +77,6 @@ class Player:
             self.display.update(frame, damage=[REGION])
             self.k += 1
             time.sleep(1 / 30)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join(5)
 
 
 def blob_centre(shot: np.ndarray, rgb, tol: int = 40):

@@ -15,6 +15,8 @@ import time
 import numpy as np
 import pytest
 
+from helpers import Background
+
 import spicestream
 from spicestream.display.scanout import DrawTracker, ScanoutError, Scanout, fourcc
 from spicestream.protocol.constants import ChannelType as Ch
@@ -136,7 +138,7 @@ def test_draw_tracker_completes_each_cookie_exactly_once():
 
 
 # -- remote clients: a stream bound to the scanout -------------------------------------------------
-class Producer:
+class Producer(Background):
     """Renders into the buffer and calls gl_draw at `fps`, recording completions."""
 
     def __init__(self, server, buf, y0_top=True, fps=30):
@@ -147,8 +149,7 @@ class Producer:
         self.done_count: dict[int, int] = {}
         self.lock = threading.Lock()
         server.on_gl_draw_done = self._done
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
+        super().__init__()
 
     def _done(self, cookie):
         with self.lock:
@@ -165,14 +166,6 @@ class Producer:
         while not self.stop.is_set():
             self.draw_one()
             self.stop.wait(1 / self.fps)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join(5)
 
 
 @pytest.mark.parametrize("kind", ["memfd", pytest.param("udmabuf", marks=pytest.mark.skipif(
