@@ -223,10 +223,10 @@ def test_remote_viewer_shows_a_dmabuf_scanout_the_right_way_up(y0_top, tmp_path)
             k += 1
             stop.wait(1 / 30)
 
+    producer = threading.Thread(target=produce, daemon=True)
     try:
         pixels[:] = base_frame() if y0_top else base_frame()[::-1]
         server.display.gl_scanout(fd, W, H, stride, fourcc("XR24"), y0_top=y0_top)
-        producer = threading.Thread(target=produce, daemon=True)
         producer.start()
         with xclient.XSession(1024, 768, log_dir=tmp_path) as x:
             viewer = x.start_viewer(f"spice://127.0.0.1:{server.port}")
@@ -244,6 +244,8 @@ def test_remote_viewer_shows_a_dmabuf_scanout_the_right_way_up(y0_top, tmp_path)
         assert done, "no draw completed"
     finally:
         stop.set()
+        if producer.is_alive():
+            producer.join(5)  # it writes into the mapping we are about to close
         server.stop()
         server.display.gl_release()
         del pixels
