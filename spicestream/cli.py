@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
 import logging
 import signal
 import sys
@@ -32,6 +33,16 @@ def _fps(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not 0 < value <= 240:
         raise argparse.ArgumentTypeError(f"{value} is not in 0..240")
+    return value
+
+
+def _fps_like_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} is not positive")
     return value
 
 
@@ -72,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--view-only", action="store_true", help="with --source x11: ignore client input")
     serve.add_argument("--max-clients", type=_positive, default=8, metavar="N",
                        help="most clients connected at once (default 8)")
+    serve.add_argument("--ticket-expiry", type=_fps_like_seconds, metavar="SECONDS",
+                       help="the password is valid for this long after start")
+    serve.add_argument("--tls-port", type=_port, metavar="N", help="also listen with TLS on this port")
+    serve.add_argument("--tls-cert", metavar="F", help="TLS certificate (PEM)")
+    serve.add_argument("--tls-key", metavar="F", help="TLS private key (PEM)")
+    serve.add_argument("--tls-ca", metavar="F", help="CA certificates (PEM) to verify clients with")
+    serve.add_argument("--secure-channels", default="", metavar="LIST",
+                       help="channels refused on the plain port: main,display,inputs,cursor or all")
     serve.add_argument("--size", type=_size, default=(1280, 720), metavar="WxH", help="display size (default 1280x720)")
     serve.add_argument("--fps", type=_fps, default=30.0, help="frames per second of the source (default 30)")
     serve.add_argument("--video-codecs", type=_codec_list, default=DEFAULT_CODECS, metavar="LIST",
@@ -113,6 +132,7 @@ def _is_loopback(host: str) -> bool:
 
 def serve(parser, args) -> int:
     from . import Server
+    from .server.security import TLSConfigError
     from .sources.demo import run_demo
 
     if args.source == "x11" and not args.x_display:
@@ -121,10 +141,29 @@ def serve(parser, args) -> int:
     if password is None and not args.disable_ticketing and not _is_loopback(args.host):
         parser.error(f"argument --host: refusing to serve {args.host} without a password; "
                      "give --password-file F or --disable-ticketing")
+    if args.ticket_expiry is not None and password is None:
+        parser.error("argument --ticket-expiry: needs --password-file")
+    if args.tls_port is not None:
+        for option, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
+            if not path:
+                parser.error(f"argument {option}: required with --tls-port")
+        for option, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key),
+                             ("--tls-ca", args.tls_ca)):
+            if path and not os.access(path, os.R_OK):
+                parser.error(f"argument {option}: cannot read {path}")
+    elif args.secure_channels:
+        parser.error("argument --secure-channels: needs --tls-port")
     width, height = args.size
-    server = Server(host=args.host, port=args.port, password=password, width=width, height=height,
-                    video_codecs=args.video_codecs, streaming_video=args.streaming_video,
-                    unix_path=args.unix, max_clients=args.max_clients)
+    try:
+        server = Server(host=args.host, port=args.port, password=password, width=width, height=height,
+                        video_codecs=args.video_codecs, streaming_video=args.streaming_video,
+                        unix_path=args.unix, max_clients=args.max_clients,
+                        ticket_expiry=args.ticket_expiry, tls_port=args.tls_port, tls_cert=args.tls_cert,
+                        tls_key=args.tls_key, tls_ca=args.tls_ca, secure_channels=args.secure_channels)
+    except TLSConfigError as exc:
+        parser.error(f"argument --tls-cert/--tls-key: {exc}")
+    except ValueError as exc:
+        parser.error(f"argument --secure-channels: {exc}")
     try:
         server.start()
     except OSError as exc:

@@ -26,6 +26,7 @@ from ..video.factory import VideoCodecs
 from .connection import ChannelConnection
 from .core import ServerCore
 from .cursor import cursor_bytes
+from .security import parse_secure_channels, tls_context
 
 log = logging.getLogger("spicestream.server")
 TICK_S = 0.05  # draw completions are promised within 1 s; this keeps them well inside
@@ -36,7 +37,10 @@ class Server:
     def __init__(self, host: str = "127.0.0.1", port: int = 5900, password: str | None = None,
                  *, name: str = "spicestream", width: int = 1024, height: int = 768,
                  video_codecs: str = DEFAULT_CODECS, streaming_video: str = "filter",
-                 unix_path: str | None = None, max_clients: int = 8):
+                 unix_path: str | None = None, max_clients: int = 8,
+                 ticket_expiry: float | None = None, tls_port: int | None = None,
+                 tls_cert: str | None = None, tls_key: str | None = None, tls_ca: str | None = None,
+                 secure_channels: str | list[str] = ()):
         """`video_codecs`: "encoder:codec" entries separated by ";" (spice-server syntax),
         e.g. "gstreamer:h264;spice:mjpeg"; raises CodecListError for a bad list.
         `streaming_video`: "off", "all" or "filter" (spice-server's modes)."""
@@ -54,6 +58,15 @@ class Server:
         if max_clients < 1:
             raise ValueError("max_clients must be at least 1")
         self._core.max_clients = max_clients
+        if ticket_expiry is not None:
+            self.set_ticket(password, ticket_expiry)
+        self.tls_port = tls_port
+        self._tls = None
+        if tls_port is not None:
+            self._tls = tls_context(tls_cert, tls_key, tls_ca)  # raises TLSConfigError
+        self._core.secure_channels = parse_secure_channels(secure_channels)
+        if self._core.secure_channels and tls_port is None:
+            raise ValueError("secure channels need a TLS port")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         self._stopping: asyncio.Event | None = None
@@ -99,6 +112,13 @@ class Server:
         else:
             self._core.cursor = data
 
+    def set_ticket(self, password: str | None, expires_in: float | None = None) -> None:
+        """Change the password clients must give (None: any client), optionally valid for
+        `expires_in` seconds only. Clients already linked stay linked."""
+        if password is not None and len(password.encode()) > 60:
+            raise ValueError("password longer than 60 bytes: SPICE clients refuse it")
+        self._core.tickets.set(None if password is None else password.encode(), expires_in)
+
     def clients(self) -> list[int]:
         """Session ids of the connected clients."""
         return list(self._core.sessions)
@@ -123,6 +143,12 @@ class Server:
         self.port = listener.sockets[0].getsockname()[1]
         log.info("listening on %s:%d", self.host, self.port)
         listeners = [listener]
+        if self._tls is not None:
+            tls = await loop.create_server(lambda: ChannelConnection(self._core), self.host,
+                                           self.tls_port, ssl=self._tls)
+            self.tls_port = tls.sockets[0].getsockname()[1]
+            listeners.append(tls)
+            log.info("listening with TLS on %s:%d", self.host, self.tls_port)
         if self.unix_path is not None:
             if os.path.exists(self.unix_path) and stat.S_ISSOCK(os.stat(self.unix_path).st_mode):
                 os.unlink(self.unix_path)  # a stale socket from an earlier run

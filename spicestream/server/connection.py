@@ -37,6 +37,8 @@ class ChannelConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.is_unix = False
+        self.address = "?"
+        self.secure = False
         self.paused = False
         self.closed = False
         self._link_timer: asyncio.TimerHandle | None = None
@@ -48,6 +50,8 @@ class ChannelConnection(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         self.is_unix = sock is not None and sock.family == socket.AF_UNIX
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else f"unix:{peer or '?'}"
+        self.address = peer[0] if isinstance(peer, tuple) else "unix"  # for the guessing brake
+        self.secure = transport.get_extra_info("ssl_object") is not None
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         # Keep the kernel's unsent backlog small: what waits, waits in our buffer, where rate
         # control sees it and frames can still be skipped.
@@ -103,17 +107,30 @@ class ChannelConnection(asyncio.Protocol):
                 events += self.link.receive_data(b"")
             elif isinstance(event, TicketReceived):
                 error, session, reason = self.core.authenticate(event.password, self.link.request, self)
+                if error == LinkError.PERMISSION_DENIED:
+                    # An address that keeps guessing waits longer and longer for its answer.
+                    delay = self.core.tickets.failed(self.address)
+                    if delay > 0:
+                        asyncio.get_running_loop().call_later(delay, self._refuse, error, reason)
+                        return
+                if error != LinkError.OK:
+                    self._refuse(error, reason)
+                    return
                 self.link.finish(error)
                 self._write_link()
-                if error != LinkError.OK:
-                    self.abort(f"link refused: {error.name} ({reason})")
-                    return
                 self._start_channel(session)
             elif isinstance(event, LinkFailed):
                 self._write_link()
                 self.abort(f"bad link: {event.reason}")
                 return
         self._write_link()
+
+    def _refuse(self, error: LinkError, reason: str) -> None:
+        if self.closed:
+            return
+        self.link.finish(error)
+        self._write_link()
+        self.abort(f"link refused: {error.name} ({reason})")
 
     def _write_link(self) -> None:
         out = self.link.data_to_send()

@@ -7,7 +7,6 @@ channel ends the session and closes its other channels.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import secrets
 import time
@@ -20,6 +19,7 @@ from ..protocol.link import LinkRequested
 from ..protocol.messages import SERVER
 from .channels import CursorChannel, DisplayChannel, InputsChannel, MainChannel
 from .sharing import EncoderRegistry
+from .tickets import Tickets
 
 log = logging.getLogger("spicestream.server")
 
@@ -60,7 +60,8 @@ class ServerCore:
     def __init__(self, display: Display, password: bytes | None, name: str, video_codecs=None):
         self.display = display
         self.video_codecs = video_codecs  # VideoCodecs, or None when streaming is off
-        self.password = password
+        self.tickets = Tickets(password)
+        self.secure_channels: set[int] = set()  # channel types refused on plain links
         self.name = name
         self.uuid = uuidlib.uuid4().bytes
         self.sessions: dict[int, Session] = {}
@@ -95,15 +96,17 @@ class ServerCore:
     def check_link(self, request: LinkRequested, conn) -> LinkError:
         if (request.channel_type, request.channel_id) not in HANDLERS_WITH_IDS:
             return LinkError.CHANNEL_NOT_AVAILABLE
+        if request.channel_type in self.secure_channels and not conn.secure:
+            # spice-gtk answers this by linking the channel again on the TLS port (brief §1.7).
+            return LinkError.NEED_SECURED
         return LinkError.OK
 
     def authenticate(self, password: bytes | None, request: LinkRequested, conn):
         """Returns (link error, session, reason); the connection logs the refusal once."""
-        if password is None:
-            return LinkError.PERMISSION_DENIED, None, "ticket did not decrypt"
-        # Compare in constant time; with ticketing disabled any ticket is accepted.
-        if self.password is not None and not hmac.compare_digest(password, self.password):
-            return LinkError.PERMISSION_DENIED, None, "wrong password"
+        refused = self.tickets.check(password)
+        if refused is not None:
+            return LinkError.PERMISSION_DENIED, None, refused
+        self.tickets.succeeded(conn.address)
         if request.channel_type == ChannelType.MAIN:
             if len(self.sessions) >= self.max_clients:
                 return LinkError.ERROR, None, f"already {len(self.sessions)} clients (--max-clients)"

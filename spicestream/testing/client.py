@@ -73,8 +73,12 @@ class TestClient:
     def __init__(self, host: str, port: int, password: str | None = None,
                  display_caps=DEFAULT_DISPLAY_CAPS, channels=(Ch.DISPLAY, Ch.INPUTS, Ch.CURSOR),
                  mini_header: bool = True, main_caps=(), decode_streams: bool = True,
-                 send_reports: bool = True, log_limit: int = 200):
+                 send_reports: bool = True, log_limit: int = 200, tls_port: int | None = None,
+                 tls=None, tls_first: bool = False):
         self.host, self.port, self.password = host, port, password
+        # Like spice-gtk: a channel refused with NEED_SECURED links again on the TLS port.
+        self.tls_port, self.tls, self.tls_first = tls_port, tls, tls_first
+        self.secured_channels: set[int] = set()
         self.display_caps, self.wanted, self.main_caps = display_caps, channels, main_caps
         self.common_caps = (CommonCap.PROTOCOL_AUTH_SELECTION,) + (
             (CommonCap.MINI_HEADER,) if mini_header else ())
@@ -160,12 +164,23 @@ class TestClient:
 
     # -- linking ---------------------------------------------------------------------------------
     async def _link(self, channel_type: int, connection_id: int, caps=()) -> ClientChannel:
-        reader, writer = await asyncio.open_connection(self.host, self.port)
-        link = ClientLink(connection_id, channel_type, 0, caps, self.common_caps)
-        writer.write(link.hello)
-        header = await reader.readexactly(LINK_HEADER.size)
-        size = struct.unpack_from("<I", header, 12)[0]
-        error, pub, common, _ = ClientLink.parse_reply(header, await reader.readexactly(size))
+        secure = self.tls_first
+        while True:
+            if secure:
+                reader, writer = await asyncio.open_connection(self.host, self.tls_port, ssl=self.tls,
+                                                               server_hostname="localhost")
+            else:
+                reader, writer = await asyncio.open_connection(self.host, self.port)
+            link = ClientLink(connection_id, channel_type, 0, caps, self.common_caps)
+            writer.write(link.hello)
+            header = await reader.readexactly(LINK_HEADER.size)
+            size = struct.unpack_from("<I", header, 12)[0]
+            error, pub, common, _ = ClientLink.parse_reply(header, await reader.readexactly(size))
+            if error == LinkError.NEED_SECURED and not secure and self.tls_port is not None:
+                writer.close()
+                secure = True
+                continue
+            break
         if error != LinkError.OK:
             writer.close()
             raise LinkRefused(error, "reply")
@@ -174,6 +189,8 @@ class TestClient:
         if result != LinkError.OK:
             writer.close()
             raise LinkRefused(LinkError(result), "result")
+        if secure:
+            self.secured_channels.add(channel_type)
         mini = link.client_mini and bool(common and common[0] & (1 << CommonCap.MINI_HEADER))
         channel = ClientChannel(self, channel_type, reader, writer, mini)
         self.channels[channel_type] = channel
