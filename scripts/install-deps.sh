@@ -12,7 +12,7 @@ PACKAGES=(
   libgirepository1.0-dev libcairo2-dev
   # real clients and the X tools the end-to-end tests drive them with
   xvfb xdotool imagemagick x11-utils x11-xserver-utils xterm
-  virt-viewer spice-client-gtk
+  virt-viewer spice-client-gtk spice-html5 chromium
 )
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-cert", metavar="F", help="TLS certificate (PEM)")
     serve.add_argument("--tls-key", metavar="F", help="TLS private key (PEM)")
     serve.add_argument("--tls-ca", metavar="F", help="CA certificates (PEM) to verify clients with")
+    serve.add_argument("--web", action="store_true",
+                       help="also answer browsers on the SPICE port with the spice-html5 client")
     serve.add_argument("--secure-channels", default="", metavar="LIST",
                        help="channels refused on the plain port: main,display,inputs,cursor or all")
     serve.add_argument("--size", type=_size, default=(1280, 720), metavar="WxH", help="display size (default 1280x720)")
@@ -133,6 +135,7 @@ def _is_loopback(host: str) -> bool:
 def serve(parser, args) -> int:
     from . import Server
     from .server.security import TLSConfigError
+    from .server.web import WebError
     from .sources.demo import run_demo
 
     if args.source == "x11" and not args.x_display:
@@ -159,7 +162,10 @@ def serve(parser, args) -> int:
                         video_codecs=args.video_codecs, streaming_video=args.streaming_video,
                         unix_path=args.unix, max_clients=args.max_clients,
                         ticket_expiry=args.ticket_expiry, tls_port=args.tls_port, tls_cert=args.tls_cert,
-                        tls_key=args.tls_key, tls_ca=args.tls_ca, secure_channels=args.secure_channels)
+                        tls_key=args.tls_key, tls_ca=args.tls_ca, secure_channels=args.secure_channels,
+                        web=args.web)
+    except WebError as exc:
+        parser.error(f"argument --web: {exc}")
     except TLSConfigError as exc:
         parser.error(f"argument --tls-cert/--tls-key: {exc}")
     except ValueError as exc:

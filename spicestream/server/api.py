@@ -27,6 +27,7 @@ from .connection import ChannelConnection
 from .core import ServerCore
 from .cursor import cursor_bytes
 from .security import parse_secure_channels, tls_context
+from .web import WebRoot
 
 log = logging.getLogger("spicestream.server")
 TICK_S = 0.05  # draw completions are promised within 1 s; this keeps them well inside
@@ -40,7 +41,7 @@ class Server:
                  unix_path: str | None = None, max_clients: int = 8,
                  ticket_expiry: float | None = None, tls_port: int | None = None,
                  tls_cert: str | None = None, tls_key: str | None = None, tls_ca: str | None = None,
-                 secure_channels: str | list[str] = ()):
+                 secure_channels: str | list[str] = (), web: bool | str = False):
         """`video_codecs`: "encoder:codec" entries separated by ";" (spice-server syntax),
         e.g. "gstreamer:h264;spice:mjpeg"; raises CodecListError for a bad list.
         `streaming_video`: "off", "all" or "filter" (spice-server's modes)."""
@@ -65,6 +66,8 @@ class Server:
         if tls_port is not None:
             self._tls = tls_context(tls_cert, tls_key, tls_ca)  # raises TLSConfigError
         self._core.secure_channels = parse_secure_channels(secure_channels)
+        if web:  # True, or the folder spice-html5 is in; raises WebError if it is missing
+            self._core.web = WebRoot() if web is True else WebRoot(web)
         if self._core.secure_channels and tls_port is None:
             raise ValueError("secure channels need a TLS port")
         self._loop: asyncio.AbstractEventLoop | None = None

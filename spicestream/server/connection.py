@@ -16,7 +16,7 @@ from ..protocol.channel import ChannelProtocol
 from ..protocol.constants import ChannelType, LinkError
 from ..protocol.link import LinkFailed, LinkRequested, ServerLink, TicketReceived
 from ..protocol.wire import ProtocolError
-from . import tcpinfo
+from . import tcpinfo, web
 
 if TYPE_CHECKING:
     from .server import ServerCore
@@ -37,6 +37,9 @@ class ChannelConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.is_unix = False
+        self.ws: web.WebSocketTransport | None = None
+        self._http = None  # the HTTP parser while a browser's request is coming in
+        self._first = True
         self.address = "?"
         self.secure = False
         self.paused = False
@@ -64,15 +67,72 @@ class ChannelConnection(asyncio.Protocol):
         if self.closed:
             return
         try:
-            if self.proto is None:
-                self._receive_link(data)
-            else:
-                self._receive_messages(data)
+            if self._http is not None or (self._first and data[:4] == b"GET "):
+                self._first = False
+                self._receive_http(data)  # a browser: WebSocket upgrade, or a page
+                return
+            self._first = False
+            if self.ws is not None:
+                for payload in self.ws.receive(data):
+                    self._receive_spice(payload)
+                return
+            self._receive_spice(data)
         except ProtocolError as exc:
             self.abort(f"protocol error: {exc}")
         except Exception:  # a handler bug must not take the server down; log it loudly
             log.exception("%s: error handling channel data", self.peer)
             self.abort("internal error")
+
+    def _receive_spice(self, data: bytes) -> None:
+        if self.closed:
+            return
+        if self.proto is None:
+            self._receive_link(data)
+        else:
+            self._receive_messages(data)
+
+    def _receive_http(self, data: bytes) -> None:
+        """An HTTP request on the SPICE port (brief §1.8): upgrade it to a WebSocket that
+        carries SPICE, or answer a GET with the web client (--web)."""
+        if self._http is None:
+            self._http = web.new_protocol()
+            self._http_bytes = 0
+        self._http_bytes += len(data)
+        self._http.receive_data(data)
+        events = self._http.events_received()
+        if not events:
+            if self._http_bytes > web.MAX_REQUEST_BYTES:
+                self.abort("HTTP request too large")
+            return
+        request, ws = events[0], self._http
+        self._http = None
+        raw = self.transport
+        if web.is_upgrade(request):
+            response = ws.accept(request)
+            ws.send_response(response)
+            if response.status_code != 101:
+                for chunk in ws.data_to_send():
+                    raw.write(chunk)
+                self.abort(f"WebSocket handshake refused: {response.status_code}")
+                return
+            self.ws = web.WebSocketTransport(raw, ws)
+            self.ws.flush()
+            self.transport = self.ws
+            # Frames that came in the same read as the request.
+            for event in ws.events_received():
+                if getattr(event, "data", None):
+                    self._receive_spice(event.data)
+            return
+        if self.core.web is None:
+            response = ws.reject(404, "This SPICE server has no web client (start it with --web)\n")
+        else:
+            response = self.core.web.respond(request.path, request.headers.get("Host", ""),
+                                             raw.get_extra_info("sockname")[1])
+        ws.send_response(response)
+        for chunk in ws.data_to_send():
+            if chunk:
+                raw.write(chunk)
+        self.abort(f"HTTP {request.path} -> {response.status_code}", logging.INFO)
 
     def connection_lost(self, exc) -> None:
         self.closed = True

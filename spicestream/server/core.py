@@ -62,6 +62,7 @@ class ServerCore:
         self.video_codecs = video_codecs  # VideoCodecs, or None when streaming is off
         self.tickets = Tickets(password)
         self.secure_channels: set[int] = set()  # channel types refused on plain links
+        self.web = None  # a WebRoot when browsers get the spice-html5 page (--web)
         self.name = name
         self.uuid = uuidlib.uuid4().bytes
         self.sessions: dict[int, Session] = {}

@@ -1,0 +1,121 @@
+"""The browser door on the SPICE port: WebSocket upgrades carry SPICE (spice-html5, brief §1.8,
+§9), and with --web plain GETs get the spice-html5 client from where Debian installs it.
+
+WebSocket framing is the `websockets` library's sans-IO protocol; `WebSocketTransport` makes
+a WebSocket look like the asyncio transport the channel connection already writes to.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+import os
+import urllib.parse
+
+from websockets.datastructures import Headers
+from websockets.frames import Opcode
+from websockets.http11 import Response
+from websockets.server import ServerProtocol
+
+SPICE_HTML5_ROOT = "/usr/share/spice-html5"
+MAX_REQUEST_BYTES = 16 << 10
+MAX_MESSAGE_BYTES = 16 << 20
+
+
+class WebError(ValueError):
+    """The web client cannot be served (spice-html5 missing)."""
+
+
+class WebRoot:
+    """Static files of spice-html5; "/" goes to its auto-connecting page, pre-filled for us."""
+
+    def __init__(self, root: str = SPICE_HTML5_ROOT):
+        self.root = os.path.realpath(root)
+        if not os.path.isfile(os.path.join(self.root, "spice_auto.html")):
+            raise WebError(f"spice-html5 is not installed in {root} (Debian package spice-html5)")
+
+    def respond(self, path: str, host_header: str, port: int) -> Response:
+        url = urllib.parse.urlsplit(path)
+        if url.path in ("/", ""):
+            host = host_header.rsplit(":", 1)[0].strip("[]") or "127.0.0.1"
+            query = urllib.parse.urlencode({"host": host, "port": port})
+            return _response(302, "Found", b"", {"Location": f"/spice_auto.html?{query}"})
+        target = os.path.realpath(os.path.join(self.root, urllib.parse.unquote(url.path).lstrip("/")))
+        if not target.startswith(self.root + os.sep) or not os.path.isfile(target):
+            return _response(404, "Not Found", b"not found\n", {"Content-Type": "text/plain"})
+        with open(target, "rb") as f:
+            body = f.read()
+        kind = mimetypes.guess_type(target)[0] or "application/octet-stream"
+        return _response(200, "OK", body, {"Content-Type": kind, "Cache-Control": "no-cache"})
+
+
+def _response(status: int, reason: str, body: bytes, headers: dict) -> Response:
+    h = Headers(headers)
+    h["Content-Length"] = str(len(body))
+    h["Connection"] = "close"
+    return Response(status, reason, h, body)
+
+
+def new_protocol() -> ServerProtocol:
+    # spice-html5 asks for the "binary" subprotocol; spice-server refuses any other.
+    return ServerProtocol(subprotocols=["binary"], max_size=MAX_MESSAGE_BYTES)
+
+
+def is_upgrade(request) -> bool:
+    return "websocket" in request.headers.get("Upgrade", "").lower()
+
+
+class WebSocketTransport:
+    """An asyncio-transport look-alike: SPICE bytes in, binary WebSocket frames out."""
+
+    def __init__(self, raw, ws: ServerProtocol):
+        self.raw, self.ws = raw, ws
+
+    def write(self, data) -> None:
+        self.ws.send_binary(bytes(data))
+        self.flush()
+
+    def writelines(self, parts) -> None:
+        self.write(b"".join(parts))
+
+    def flush(self) -> None:
+        for chunk in self.ws.data_to_send():
+            if chunk:
+                self.raw.write(chunk)
+            else:  # the protocol wants the TCP connection closed
+                self.raw.close()
+
+    def receive(self, data: bytes) -> list[bytes]:
+        """Feed raw bytes; return the payloads of the data frames that completed."""
+        self.ws.receive_data(data)
+        payloads = []
+        for event in self.ws.events_received():
+            if event.opcode in (Opcode.BINARY, Opcode.TEXT, Opcode.CONT):
+                payloads.append(event.data)
+        self.flush()  # pongs, close handshakes
+        return payloads
+
+    def close(self) -> None:
+        try:
+            self.ws.send_close()
+        except Exception:  # already closing
+            pass
+        self.flush()
+        self.raw.close()
+
+    def get_write_buffer_size(self) -> int:
+        return self.raw.get_write_buffer_size()
+
+    def get_extra_info(self, name, default=None):
+        return self.raw.get_extra_info(name, default)
+
+    def set_write_buffer_limits(self, high=None, low=None) -> None:
+        self.raw.set_write_buffer_limits(high, low)
+
+    def is_closing(self) -> bool:
+        return self.raw.is_closing()
+
+    def pause_reading(self) -> None:
+        self.raw.pause_reading()
+
+    def resume_reading(self) -> None:
+        self.raw.resume_reading()
