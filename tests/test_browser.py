@@ -56,14 +56,21 @@ def canvas_shot(page) -> np.ndarray:
     return shot[border : border + H, border : border + W] if border > 0 else shot
 
 
-def test_page_connects_and_shows_the_picture(browser):
-    server = spicestream.Server(port=0, width=W, height=H, web=True, streaming_video="off").start()
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_page_connects_and_shows_the_picture(browser, scheme, tmp_path):
+    from test_security import make_ca_and_cert
+
+    paths = make_ca_and_cert(tmp_path)
+    server = spicestream.Server(port=0, width=W, height=H, web=True, streaming_video="off", tls_port=0,
+                                tls_cert=str(paths["cert"]), tls_key=str(paths["key"])).start()
     try:
         frame = picture()
         server.display.update(frame)
-        page = browser.new_page(viewport={"width": 800, "height": 600})
-        page.goto(f"http://127.0.0.1:{server.port}/")
-        assert "spice_auto.html" in page.url and f"port={server.port}" in page.url
+        # The test CA is not in the browser's store: accept it for this page only.
+        page = browser.new_page(viewport={"width": 800, "height": 600}, ignore_https_errors=True)
+        port = server.port if scheme == "http" else server.tls_port
+        page.goto(f"{scheme}://localhost:{port}/")  # https: the page then connects with wss://
+        assert "spice_auto.html" in page.url and f"port={port}" in page.url
         page.wait_for_selector("#spice-screen canvas", timeout=15000)
         deadline = time.monotonic() + 15
         while True:
