@@ -26,44 +26,25 @@ def _size(text: str) -> tuple[int, int]:
     return w, h
 
 
-def _fps(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < value <= 240:
-        raise argparse.ArgumentTypeError(f"{value} is not in 0..240")
-    return value
+def _number(convert, low, high, what: str, low_open: bool = False):
+    """An argparse type: `convert` the text and check it lies in [low, high] ((low, high]
+    with `low_open`); argparse turns the error into exit status 2 naming the option."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < low or (low_open and value == low) or value > high:
+            bounds = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"{value} is not in {bounds}")
+        return value
+    return parse
 
 
-def _fps_like_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value} is not positive")
-    return value
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 1 <= value <= 1000:
-        raise argparse.ArgumentTypeError(f"{value} is not in 1..1000")
-    return value
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{value} is not in 0..65535")
-    return value
+_fps = _number(float, 0, 240, "a number", low_open=True)
+_port = _number(int, 0, 65535, "a port number")
+_positive = _number(int, 1, 1000, "a number")
+_seconds = _number(float, 0, 10 ** 9, "seconds", low_open=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--view-only", action="store_true", help="with --source x11: ignore client input")
     serve.add_argument("--max-clients", type=_positive, default=8, metavar="N",
                        help="most clients connected at once (default 8)")
-    serve.add_argument("--ticket-expiry", type=_fps_like_seconds, metavar="SECONDS",
+    serve.add_argument("--ticket-expiry", type=_seconds, metavar="SECONDS",
                        help="the password is valid for this long after start")
     serve.add_argument("--tls-port", type=_port, metavar="N", help="also listen with TLS on this port")
     serve.add_argument("--tls-cert", metavar="F", help="TLS certificate (PEM)")

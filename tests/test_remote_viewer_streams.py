@@ -113,6 +113,13 @@ def square_on_screen(shot, mapping):
     return cx, cy
 
 
+def active_stream(server, min_frames: int = 0) -> dict | None:
+    """The first client's active stream once it has sent more than `min_frames` frames."""
+    clients = server.stats()["clients"]
+    active = clients[0]["streams"]["active"] if clients else None
+    return active if active and active["frames_sent"] > min_frames else None
+
+
 CASES = [("gstreamer:h264", "avdec_h264"), ("gstreamer:vp8", "vp8dec"), ("gstreamer:vp9", "vp9dec"),
          ("spice:mjpeg", None)]
 
@@ -129,11 +136,7 @@ def test_remote_viewer_plays_the_stream(codecs, decoder, tmp_path):
             viewer = x.start_viewer(f"spice://127.0.0.1:{server.port}")
             x.find_window(viewer)
 
-            def streaming():
-                clients = server.stats()["clients"]
-                return clients and clients[0]["streams"]["active"] and clients[0]["streams"]["active"]["frames_sent"] > 30
-
-            xclient.wait_until(streaming, 20, 0.2, "a stream with frames")
+            xclient.wait_until(lambda: active_stream(server, 30), 20, 0.2, "a stream with frames")
             mapping = xclient.wait_until(lambda: locate(x.screenshot()), 20, 0.3, "the display on screen")
             first = xclient.wait_until(lambda: square_on_screen(x.screenshot(), mapping), 10, 0.1,
                                        "the square in the stream region")
@@ -171,11 +174,7 @@ def test_no_late_frames_over_30_seconds(codecs, tmp_path):
             viewer = x.start_viewer(f"spice://127.0.0.1:{server.port}")
             x.find_window(viewer)
 
-            def streaming():
-                clients = server.stats()["clients"]
-                return clients and clients[0]["streams"]["active"]
-
-            xclient.wait_until(streaming, 20, 0.2, "a stream")
+            xclient.wait_until(lambda: active_stream(server), 20, 0.2, "a stream")
             log_path = tmp_path / "remote-viewer.log"
             start_frames = player.k
             time.sleep(30)
