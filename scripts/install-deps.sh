@@ -11,7 +11,7 @@ PACKAGES=(
   gir1.2-gstreamer-1.0 gir1.2-gst-plugins-base-1.0 gir1.2-gst-plugins-bad-1.0
   libgirepository1.0-dev libcairo2-dev
   # real clients and the X tools the end-to-end tests drive them with
-  xvfb xdotool imagemagick x11-utils x11-xserver-utils xterm
+  xvfb xdotool imagemagick x11-utils x11-xserver-utils xterm iproute2
   virt-viewer spice-client-gtk spice-html5 chromium
 )
 missing=()
