@@ -175,7 +175,7 @@ def serve(parser, args) -> int:
             finally:
                 source.close()
         else:
-            run_demo(server.display, args.fps, args.size, stop)
+            run_demo(server.display, args.fps, args.size, stop, f"spice://{args.host}:{server.port}")
     finally:
         server.stop()
     return 0

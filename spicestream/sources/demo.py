@@ -57,7 +57,7 @@ def _palette() -> np.ndarray:
 class DemoScene:
     """An animated scene a person recognises as a desktop."""
 
-    def __init__(self, width: int, height: int):
+    def __init__(self, width: int, height: int, address: str = "spice://127.0.0.1:5900"):
         if width < 32 or height < 32:
             raise ValueError(f"scene too small: {width}x{height}")
         self.width, self.height = w, h = int(width), int(height)
@@ -90,7 +90,7 @@ class DemoScene:
         ty += round(unit / 14 * 1.4)
         d.text((tx, ty), f"{w} x {h}", font=small, fill=_DIM_TEXT)
         hint = _font(unit / 36)
-        d.text((tx, h - round(unit / 36 * 2.5)), "connect with: remote-viewer spice://127.0.0.1:5900",
+        d.text((tx, h - round(unit / 36 * 2.5)), f"connect with: remote-viewer {address}",
                font=hint, fill=_DIM_TEXT)
 
         # Top panel with a launcher label; the clock lives at its right end.
@@ -178,11 +178,12 @@ class DemoScene:
         return frame, damage
 
 
-def run_demo(display, fps: float, size: tuple[int, int], stop_event: threading.Event) -> None:
+def run_demo(display, fps: float, size: tuple[int, int], stop_event: threading.Event,
+             address: str = "spice://127.0.0.1:5900") -> None:
     """Resize `display` to `size`, then push a scene frame every 1/fps s until stop_event."""
     w, h = size
     display.resize(w, h)
-    scene = DemoScene(w, h)
+    scene = DemoScene(w, h, address)
     period = 1.0 / max(float(fps), 0.1)
     next_tick = time.monotonic()
     while not stop_event.is_set():
