@@ -410,3 +410,35 @@ def test_ten_thousand_draws_complete_exactly_once_within_a_second():
     assert open_fds() == fds_before, (fds_before, open_fds())
 
 
+
+
+def test_local_client_keeps_its_outstanding_draw_across_a_new_scanout(tmp_path):
+    path = str(tmp_path / "spice.sock")
+    server = spicestream.Server(port=0, width=W, height=H, unix_path=path).start()
+    buf = Buffer()
+    done = []
+    server.on_gl_draw_done = done.append
+    try:
+        server.display.gl_scanout(buf.fd, W, H, buf.stride, XR24)
+        client = LocalClient(path)
+        client._wait(client.display, SERVER.DISPLAY_GL_SCANOUT_UNIX)
+        os.close(client.receive_fd())
+        server.display.gl_draw(0, 0, W, H, "before")
+        client._wait(client.display, SERVER.DISPLAY_GL_DRAW)
+        server.display.gl_scanout(buf.fd, W, H, buf.stride, XR24)  # replaced while the draw is out
+        client._wait(client.display, SERVER.DISPLAY_GL_SCANOUT_UNIX)
+        os.close(client.receive_fd())
+        client.send(client.display, CLIENT.DISPLAY_GL_DRAW_DONE())  # answers the draw it got
+        server.display.gl_draw(0, 0, 8, 8, "after")
+        draw = client._wait(client.display, SERVER.DISPLAY_GL_DRAW)  # still linked, still drawing
+        assert (draw.w, draw.h) == (8, 8)
+        client.send(client.display, CLIENT.DISPLAY_GL_DRAW_DONE())
+        deadline = time.monotonic() + 2
+        while "after" not in done and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert done == ["before", "after"]
+        client.close()
+    finally:
+        server.stop()
+        server.display.gl_release()
+        buf.close()

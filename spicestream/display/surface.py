@@ -113,6 +113,8 @@ class Display:
         """Show the DMA-BUF `fd` (dup()ed: close yours when you like). Replaces any previous
         scanout. Raises ScanoutError (a ValueError) for an unknown fourcc, a non-linear
         modifier or a buffer too small for the size and stride."""
+        if not (0 < width <= 16384 and 0 < height <= 16384):
+            raise ScanoutError(f"scanout size {width}x{height} out of range")
         scanout = Scanout(fd, width, height, stride, fourcc, y0_top, modifier)
         with self.lock:
             old = self.scanout

@@ -185,8 +185,11 @@ class Server:
         while True:
             await asyncio.sleep(TICK_S)
             now = time.monotonic()
-            self.display.tick(now)
-            self._core.control_tick(now)
+            try:
+                self.display.tick(now)
+                self._core.control_tick(now)
+            except Exception:  # one bad connection must not stop ticks for everyone
+                log.exception("periodic tick failed")
             if now - last_log >= STATS_LOG_S and log.isEnabledFor(logging.DEBUG):
                 last_log = now
                 for client in self._collect_stats()["clients"]:

@@ -75,6 +75,8 @@ class ChannelConnection(asyncio.Protocol):
             if self.ws is not None:
                 for payload in self.ws.receive(data):
                     self._receive_spice(payload)
+                if not self.ws.open:  # the browser closed the WebSocket
+                    self.abort("WebSocket closed by the client", logging.INFO)
                 return
             self._receive_spice(data)
         except ProtocolError as exc:
@@ -118,10 +120,9 @@ class ChannelConnection(asyncio.Protocol):
             self.ws = web.WebSocketTransport(raw, ws)
             self.ws.flush()
             self.transport = self.ws
-            # Frames that came in the same read as the request.
-            for event in ws.events_received():
-                if getattr(event, "data", None):
-                    self._receive_spice(event.data)
+            # Frames that came in the same read as the request were parsed with it.
+            for payload in web.data_payloads(events[1:]):
+                self._receive_spice(payload)
             return
         if self.core.web is None:
             response = ws.reject(404, "This SPICE server has no web client (start it with --web)\n")
@@ -143,10 +144,16 @@ class ChannelConnection(asyncio.Protocol):
             self.handler.closed()
 
     def pause_writing(self) -> None:
+        # A peer that does not read while it keeps asking (pings, mode requests) would make
+        # our replies pile up: stop reading until our buffer drains.
         self.paused = True
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
 
     def resume_writing(self) -> None:
         self.paused = False
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
         if self.handler is not None:
             self.handler.writable()
 

@@ -68,7 +68,7 @@ class LocalGL:
             self.channel.send_monitors_config()
             display.draws.add_consumer(self)
             self.sent_seq = display.draws.seq  # what it was given is the picture so far
-            self.outstanding = None
+            # An outstanding GL_DRAW stays outstanding: the client still answers it.
         if self.scanout is None or self.outstanding is not None or display.draws.seq <= self.sent_seq:
             return
         seq = display.draws.seq

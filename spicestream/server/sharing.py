@@ -176,5 +176,6 @@ class EncoderRegistry:
         return sub
 
     def forget(self, hub: EncoderHub) -> None:
+        # Called from encoder threads too (on errors): never raise if the loop got there first.
         if self.hubs.get(hub.key) is hub:
-            del self.hubs[hub.key]
+            self.hubs.pop(hub.key, None)

@@ -81,7 +81,7 @@ class StreamSender:
         self.failed: set[CodecEntry] = set()
         self.preferred: list[int] = []
         self.active: ActiveStream | None = None
-        self._skip_region: int | None = None  # region id with no usable codec for us
+        self._skip_region: StreamRegion | None = None  # a region with no usable codec for us
         self.last_rate: RateController | None = None  # of the previous stream, to start from
         self._loop = asyncio.get_running_loop()
         self.history: list[dict] = []  # ended streams' stats, newest last
@@ -91,9 +91,9 @@ class StreamSender:
         """Follow the display's stream region: end a stale stream, start a new one."""
         region = self.display.stream_region
         active = self.active
-        if active is not None and (region is None or region.stream_id != active.region.stream_id):
+        if active is not None and region is not active.region:  # ids repeat; regions are new objects
             self.end(lossless=True)
-        if region is not None and self.active is None and region.stream_id != self._skip_region:
+        if region is not None and self.active is None and region is not self._skip_region:
             self._start(region)
 
     def _start(self, region: StreamRegion) -> None:
@@ -106,7 +106,7 @@ class StreamSender:
             entry = self.codecs.choose(self.caps, self.preferred, self.failed)
             if entry is None:
                 log.info("%s: no codec left for a stream; the area stays lossless", self.conn.peer)
-                self._skip_region = region.stream_id
+                self._skip_region = region
                 return
             try:
                 encoder = self._create_encoder(entry, region, rate.target, fps, self._pixel_format())
@@ -234,6 +234,8 @@ class StreamSender:
         # when the frame is sent (one encode may serve several clients).
         capture_mm = self.core.mm_time_at(published)
         picture = frame if scanout else frame[r.y : r.y + r.height, r.x : r.x + r.width]
+        if not scanout and picture.shape[:2] != (r.height, r.width):
+            return False  # resized under us: the next sync() ends this stream
         if not stream.encoder.encode(picture, capture_mm, generation, published):
             return scanout  # a refused scanout was released by the encoder
         return True

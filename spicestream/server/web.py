@@ -14,6 +14,7 @@ import urllib.parse
 from websockets.datastructures import Headers
 from websockets.frames import Opcode
 from websockets.http11 import Response
+from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 SPICE_HTML5_ROOT = "/usr/share/spice-html5"
@@ -64,13 +65,24 @@ def is_upgrade(request) -> bool:
     return "websocket" in request.headers.get("Upgrade", "").lower()
 
 
+def data_payloads(events) -> list[bytes]:
+    """The payloads of the data frames among parsed WebSocket events."""
+    return [e.data for e in events if getattr(e, "opcode", None) in (Opcode.BINARY, Opcode.TEXT, Opcode.CONT)]
+
+
 class WebSocketTransport:
     """An asyncio-transport look-alike: SPICE bytes in, binary WebSocket frames out."""
 
     def __init__(self, raw, ws: ServerProtocol):
         self.raw, self.ws = raw, ws
 
+    @property
+    def open(self) -> bool:
+        return self.ws.state is State.OPEN
+
     def write(self, data) -> None:
+        if not self.open:
+            return  # closing: what we would send has nowhere to go
         self.ws.send_binary(bytes(data))
         self.flush()
 
@@ -87,18 +99,13 @@ class WebSocketTransport:
     def receive(self, data: bytes) -> list[bytes]:
         """Feed raw bytes; return the payloads of the data frames that completed."""
         self.ws.receive_data(data)
-        payloads = []
-        for event in self.ws.events_received():
-            if event.opcode in (Opcode.BINARY, Opcode.TEXT, Opcode.CONT):
-                payloads.append(event.data)
+        payloads = data_payloads(self.ws.events_received())
         self.flush()  # pongs, close handshakes
         return payloads
 
     def close(self) -> None:
-        try:
+        if self.open:
             self.ws.send_close()
-        except Exception:  # already closing
-            pass
         self.flush()
         self.raw.close()
 

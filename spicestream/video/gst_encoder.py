@@ -112,7 +112,7 @@ class GstEncoder(VideoEncoder):
         self.bus.enable_sync_message_emission()
         self._error_handler = self.bus.connect("sync-message::error", self._on_bus_error)
         if self.pipeline.set_state(Gst.State.PLAYING) == Gst.StateChangeReturn.FAILURE:
-            self.pipeline.set_state(Gst.State.NULL)
+            self.close()  # disconnects the handlers, or the pipeline would never be freed
             raise EncoderError(f"{spec.element}: pipeline would not start")
 
     def _submit(self, frame: np.ndarray, timestamp_ms: int, started: float) -> None:
@@ -135,7 +135,14 @@ class GstEncoder(VideoEncoder):
             fd = scanout.dup()
         finally:
             scanout.release()  # the reference the caller passed in; the dup outlives it
-        memory = GstAllocators.DmaBufAllocator.alloc(_dmabuf_allocator(), fd, scanout.size)
+        try:
+            memory = GstAllocators.DmaBufAllocator.alloc(_dmabuf_allocator(), fd, scanout.size)
+        except Exception:
+            os.close(fd)  # the memory never took ownership of it
+            raise
+        if memory is None:
+            os.close(fd)
+            raise EncoderError("cannot import the DMA-BUF")
         buf = Gst.Buffer.new()
         buf.append_memory(memory)
         fmt = GstVideo.VideoFormat.from_string(scanout.gst_format)
