@@ -52,6 +52,10 @@ class LocalGL:
             ref = current.acquire()
             if ref is None:
                 return
+            # Counted in before the client can see the scanout: a draw made the moment it does
+            # must wait for this client. A draw after the snapshot gets a GL_DRAW.
+            self.sent_seq = display.draws.seq  # what it is given is the picture so far
+            display.draws.add_consumer(self)
             try:
                 self.conn.send(SERVER.DISPLAY_GL_SCANOUT_UNIX(
                     ref.width, ref.height, ref.stride, ref.drm_fourcc, Y0_TOP if ref.y0_top else 0))
@@ -66,8 +70,6 @@ class LocalGL:
                 ref.release()  # the client has its own fd now
             self.scanout = current
             self.channel.send_monitors_config()
-            display.draws.add_consumer(self)
-            self.sent_seq = display.draws.seq  # what it was given is the picture so far
             # An outstanding GL_DRAW stays outstanding: the client still answers it.
         if self.scanout is None or self.outstanding is not None or display.draws.seq <= self.sent_seq:
             return
