@@ -1,7 +1,5 @@
 """Inputs reach the application's callbacks; tickets are checked; slow clients stay bounded."""
 
-import socket
-import struct
 import threading
 import time
 

@@ -157,7 +157,7 @@ def test_shaped_link_converges_keeps_latency_and_memory_flat_and_recovers():
         server = spicestream.Server(host=netns.SERVER_IP, port=0, width=1920, height=1080,
                                     video_codecs="gstreamer:h264", streaming_video="all").start()
         try:
-            with MovingContent(server.display, 1920, 1080) as content:
+            with MovingContent(server.display, 1920, 1080):
                 watcher = link.popen([sys.executable, "-m", "spicestream.testing.watch", "--host",
                                       netns.SERVER_IP, "--port", str(server.port), "--seconds", "150"],
                                      stdout=subprocess.PIPE, text=True)

@@ -9,6 +9,7 @@ application drew it.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import threading
@@ -113,6 +114,20 @@ def square_on_screen(shot, mapping):
     return cx, cy
 
 
+@contextlib.contextmanager
+def watched(codecs: str, tmp_path):
+    """A server playing the moving picture, and remote-viewer (debug log on) watching it."""
+    server = spicestream.Server(port=0, width=W, height=H, video_codecs=codecs, streaming_video="all")
+    server.start()
+    try:
+        with xclient.XSession(1024, 768, log_dir=tmp_path) as x, Player(server.display) as player:
+            x.env["SPICE_DEBUG"] = "1"
+            x.find_window(x.start_viewer(f"spice://127.0.0.1:{server.port}"))
+            yield server, x, player
+    finally:
+        server.stop()
+
+
 def active_stream(server, min_frames: int = 0) -> dict | None:
     """The first client's active stream once it has sent more than `min_frames` frames."""
     clients = server.stats()["clients"]
@@ -128,35 +143,26 @@ CASES = [("gstreamer:h264", "avdec_h264"), ("gstreamer:vp8", "vp8dec"), ("gstrea
 def test_remote_viewer_plays_the_stream(codecs, decoder, tmp_path):
     if decoder and not decoder_installed(decoder):
         pytest.skip(f"the client's GStreamer has no {decoder}")
-    server = spicestream.Server(port=0, width=W, height=H, video_codecs=codecs, streaming_video="all")
-    server.start()
-    try:
-        with xclient.XSession(1024, 768, log_dir=tmp_path) as x, Player(server.display) as player:
-            x.env["SPICE_DEBUG"] = "1"
-            viewer = x.start_viewer(f"spice://127.0.0.1:{server.port}")
-            x.find_window(viewer)
-
-            xclient.wait_until(lambda: active_stream(server, 30), 20, 0.2, "a stream with frames")
-            mapping = xclient.wait_until(lambda: locate(x.screenshot()), 20, 0.3, "the display on screen")
-            first = xclient.wait_until(lambda: square_on_screen(x.screenshot(), mapping), 10, 0.1,
-                                       "the square in the stream region")
-            time.sleep(0.5)
-            shot = x.screenshot()
-            second = square_on_screen(shot, mapping)
-            x.save(shot, tmp_path / "stream.png")
-            assert second is not None, "square not visible in the second screenshot"
-            rx, ry, rw, rh = REGION
-            for cx, cy in (first, second):  # where the application drew it
-                assert rx <= cx <= rx + rw and ry + 72 - 6 <= cy <= ry + 72 + SQUARE + 6, (cx, cy)
-            assert abs(second[0] - first[0]) > 10, (first, second)  # it moved between screenshots
-            stats = server.stats()["clients"][0]["streams"]
-            assert stats["failed_codecs"] == [], stats  # the client decoded what it was sent
-            assert stats["active"]["codec_entry"] == codecs
-            log = (tmp_path / "remote-viewer.log").read_text(errors="replace")
-            assert "stream" in log.lower()
-            assert player.k > 30
-    finally:
-        server.stop()
+    with watched(codecs, tmp_path) as (server, x, player):
+        xclient.wait_until(lambda: active_stream(server, 30), 20, 0.2, "a stream with frames")
+        mapping = xclient.wait_until(lambda: locate(x.screenshot()), 20, 0.3, "the display on screen")
+        first = xclient.wait_until(lambda: square_on_screen(x.screenshot(), mapping), 10, 0.1,
+                                   "the square in the stream region")
+        time.sleep(0.5)
+        shot = x.screenshot()
+        second = square_on_screen(shot, mapping)
+        x.save(shot, tmp_path / "stream.png")
+        assert second is not None, "square not visible in the second screenshot"
+        rx, ry, rw, rh = REGION
+        for cx, cy in (first, second):  # where the application drew it
+            assert rx <= cx <= rx + rw and ry + 72 - 6 <= cy <= ry + 72 + SQUARE + 6, (cx, cy)
+        assert abs(second[0] - first[0]) > 10, (first, second)  # it moved between screenshots
+        stats = server.stats()["clients"][0]["streams"]
+        assert stats["failed_codecs"] == [], stats  # the client decoded what it was sent
+        assert stats["active"]["codec_entry"] == codecs
+        log = (tmp_path / "remote-viewer.log").read_text(errors="replace")
+        assert "stream" in log.lower()
+        assert player.k > 30
 
 
 LATE_PATTERNS = ("too late", "dropping")  # spice-gtk's debug lines for late frames (§6.3)
@@ -166,29 +172,20 @@ LATE_PATTERNS = ("too late", "dropping")  # spice-gtk's debug lines for late fra
 def test_no_late_frames_over_30_seconds(codecs, tmp_path):
     """30 s of a 30 fps stream on loopback: remote-viewer's debug log shows no frame dropped
     for lateness, and its stream reports reach the server's controller."""
-    server = spicestream.Server(port=0, width=W, height=H, video_codecs=codecs, streaming_video="all")
-    server.start()
-    try:
-        with xclient.XSession(1024, 768, log_dir=tmp_path) as x, Player(server.display) as player:
-            x.env["SPICE_DEBUG"] = "1"
-            viewer = x.start_viewer(f"spice://127.0.0.1:{server.port}")
-            x.find_window(viewer)
-
-            xclient.wait_until(lambda: active_stream(server), 20, 0.2, "a stream")
-            log_path = tmp_path / "remote-viewer.log"
-            start_frames = player.k
-            time.sleep(30)
-            frames = player.k - start_frames
-            stats = server.stats()["clients"][0]["streams"]["active"]
-            log = log_path.read_text(errors="replace").splitlines()
-            late = [line for line in log if any(p in line for p in LATE_PATTERNS)]
-            assert frames >= 30 * 30 * 0.9, f"the application drew {frames} frames"
-            assert stats["frames_sent"] >= frames * 0.9, stats
-            assert not late, f"{len(late)} late frames, e.g. {late[:3]}"
-            report = stats["last_report"]
-            assert report and report["num_drops"] == 0 and report["last_frame_delay"] >= 0, report
-    finally:
-        server.stop()
+    with watched(codecs, tmp_path) as (server, x, player):
+        xclient.wait_until(lambda: active_stream(server), 20, 0.2, "a stream")
+        log_path = tmp_path / "remote-viewer.log"
+        start_frames = player.k
+        time.sleep(30)
+        frames = player.k - start_frames
+        stats = server.stats()["clients"][0]["streams"]["active"]
+        log = log_path.read_text(errors="replace").splitlines()
+        late = [line for line in log if any(p in line for p in LATE_PATTERNS)]
+        assert frames >= 30 * 30 * 0.9, f"the application drew {frames} frames"
+        assert stats["frames_sent"] >= frames * 0.9, stats
+        assert not late, f"{len(late)} late frames, e.g. {late[:3]}"
+        report = stats["last_report"]
+        assert report and report["num_drops"] == 0 and report["last_frame_delay"] >= 0, report
 
 
 @pytest.mark.parametrize("y0_top", [True, False], ids=["y0-top", "y0-bottom"])

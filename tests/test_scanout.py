@@ -21,7 +21,7 @@ import spicestream
 from spicestream.display.scanout import DrawTracker, ScanoutError, Scanout, fourcc
 from spicestream.protocol.constants import ChannelType as Ch
 from spicestream.protocol.constants import DisplayCap
-from spicestream.protocol.framing import MessageReader, MessageWriter
+from spicestream.protocol.framing import MessageWriter
 from spicestream.protocol.link import LINK_HEADER, ClientLink
 from spicestream.protocol.messages import CLIENT, SERVER
 from spicestream.testing.client import TestClient
@@ -293,43 +293,51 @@ class LocalClient:
             channel["sock"].close()
 
 
-def test_local_client_gets_the_fd_and_completes_draws(tmp_path):
+@pytest.fixture
+def local_gl(tmp_path):
+    """A server with a unix socket, a scanout buffer, and the cookies completed so far."""
     path = str(tmp_path / "spice.sock")
     server = spicestream.Server(port=0, width=W, height=H, unix_path=path).start()
     buf = Buffer()
     done = []
     server.on_gl_draw_done = done.append
     try:
-        picture = buf.paint(1)
-        server.display.gl_scanout(buf.fd, W, H, buf.stride, XR24)
-        client = LocalClient(path)
-        scanout = client._wait(client.display, SERVER.DISPLAY_GL_SCANOUT_UNIX)
-        assert (scanout.width, scanout.height, scanout.stride, scanout.drm_fourcc_format, scanout.flags) == \
-               (W, H, buf.stride, XR24, 1)
-        fd = client.receive_fd()
-        with mmap.mmap(fd, buf.stride * H, prot=mmap.PROT_READ) as m:  # the very same memory
-            assert np.array_equal(np.frombuffer(m, np.uint8).reshape(H, W, 4), picture)
-        os.close(fd)
-        client._wait(client.display, SERVER.DISPLAY_MONITORS_CONFIG)
-        server.display.gl_draw(10, 20, 30, 40, "a")
-        draw = client._wait(client.display, SERVER.DISPLAY_GL_DRAW)
-        assert (draw.x, draw.y, draw.w, draw.h) == (10, 20, 30, 40)
-        server.display.gl_draw(0, 0, 5, 5, "b")  # while "a" is outstanding: merged into the next
-        time.sleep(0.2)
-        assert done == []
-        client.send(client.display, CLIENT.DISPLAY_GL_DRAW_DONE())
-        nxt = client._wait(client.display, SERVER.DISPLAY_GL_DRAW)
-        assert (nxt.x, nxt.y, nxt.w, nxt.h) == (0, 0, 5, 5)
-        assert done == ["a"]
-        client.send(client.display, CLIENT.DISPLAY_GL_DRAW_DONE())
-        deadline = time.monotonic() + 2
-        while done != ["a", "b"] and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert done == ["a", "b"]
-        client.close()
+        yield server, buf, done, path
     finally:
         server.stop()
+        server.display.gl_release()
         buf.close()
+
+
+def test_local_client_gets_the_fd_and_completes_draws(local_gl):
+    server, buf, done, path = local_gl
+    picture = buf.paint(1)
+    server.display.gl_scanout(buf.fd, W, H, buf.stride, XR24)
+    client = LocalClient(path)
+    scanout = client._wait(client.display, SERVER.DISPLAY_GL_SCANOUT_UNIX)
+    assert (scanout.width, scanout.height, scanout.stride, scanout.drm_fourcc_format, scanout.flags) == \
+           (W, H, buf.stride, XR24, 1)
+    fd = client.receive_fd()
+    with mmap.mmap(fd, buf.stride * H, prot=mmap.PROT_READ) as m:  # the very same memory
+        assert np.array_equal(np.frombuffer(m, np.uint8).reshape(H, W, 4), picture)
+    os.close(fd)
+    client._wait(client.display, SERVER.DISPLAY_MONITORS_CONFIG)
+    server.display.gl_draw(10, 20, 30, 40, "a")
+    draw = client._wait(client.display, SERVER.DISPLAY_GL_DRAW)
+    assert (draw.x, draw.y, draw.w, draw.h) == (10, 20, 30, 40)
+    server.display.gl_draw(0, 0, 5, 5, "b")  # while "a" is outstanding: merged into the next
+    time.sleep(0.2)
+    assert done == []
+    client.send(client.display, CLIENT.DISPLAY_GL_DRAW_DONE())
+    nxt = client._wait(client.display, SERVER.DISPLAY_GL_DRAW)
+    assert (nxt.x, nxt.y, nxt.w, nxt.h) == (0, 0, 5, 5)
+    assert done == ["a"]
+    client.send(client.display, CLIENT.DISPLAY_GL_DRAW_DONE())
+    deadline = time.monotonic() + 2
+    while done != ["a", "b"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert done == ["a", "b"]
+    client.close()
 
 
 # -- completion under churn ---------------------------------------------------------------------
@@ -410,35 +418,24 @@ def test_ten_thousand_draws_complete_exactly_once_within_a_second():
     assert open_fds() == fds_before, (fds_before, open_fds())
 
 
-
-
-def test_local_client_keeps_its_outstanding_draw_across_a_new_scanout(tmp_path):
-    path = str(tmp_path / "spice.sock")
-    server = spicestream.Server(port=0, width=W, height=H, unix_path=path).start()
-    buf = Buffer()
-    done = []
-    server.on_gl_draw_done = done.append
-    try:
-        server.display.gl_scanout(buf.fd, W, H, buf.stride, XR24)
-        client = LocalClient(path)
-        client._wait(client.display, SERVER.DISPLAY_GL_SCANOUT_UNIX)
-        os.close(client.receive_fd())
-        server.display.gl_draw(0, 0, W, H, "before")
-        client._wait(client.display, SERVER.DISPLAY_GL_DRAW)
-        server.display.gl_scanout(buf.fd, W, H, buf.stride, XR24)  # replaced while the draw is out
-        client._wait(client.display, SERVER.DISPLAY_GL_SCANOUT_UNIX)
-        os.close(client.receive_fd())
-        client.send(client.display, CLIENT.DISPLAY_GL_DRAW_DONE())  # answers the draw it got
-        server.display.gl_draw(0, 0, 8, 8, "after")
-        draw = client._wait(client.display, SERVER.DISPLAY_GL_DRAW)  # still linked, still drawing
-        assert (draw.w, draw.h) == (8, 8)
-        client.send(client.display, CLIENT.DISPLAY_GL_DRAW_DONE())
-        deadline = time.monotonic() + 2
-        while "after" not in done and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert done == ["before", "after"]
-        client.close()
-    finally:
-        server.stop()
-        server.display.gl_release()
-        buf.close()
+def test_local_client_keeps_its_outstanding_draw_across_a_new_scanout(local_gl):
+    server, buf, done, path = local_gl
+    server.display.gl_scanout(buf.fd, W, H, buf.stride, XR24)
+    client = LocalClient(path)
+    client._wait(client.display, SERVER.DISPLAY_GL_SCANOUT_UNIX)
+    os.close(client.receive_fd())
+    server.display.gl_draw(0, 0, W, H, "before")
+    client._wait(client.display, SERVER.DISPLAY_GL_DRAW)
+    server.display.gl_scanout(buf.fd, W, H, buf.stride, XR24)  # replaced while the draw is out
+    client._wait(client.display, SERVER.DISPLAY_GL_SCANOUT_UNIX)
+    os.close(client.receive_fd())
+    client.send(client.display, CLIENT.DISPLAY_GL_DRAW_DONE())  # answers the draw it got
+    server.display.gl_draw(0, 0, 8, 8, "after")
+    draw = client._wait(client.display, SERVER.DISPLAY_GL_DRAW)  # still linked, still drawing
+    assert (draw.w, draw.h) == (8, 8)
+    client.send(client.display, CLIENT.DISPLAY_GL_DRAW_DONE())
+    deadline = time.monotonic() + 2
+    while "after" not in done and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert done == ["before", "after"]
+    client.close()

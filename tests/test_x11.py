@@ -17,7 +17,7 @@ from spicestream.protocol.messages import SERVER
 from spicestream.testing.client import TestClient
 
 import xclient
-from test_remote_viewer_streams import MARKERS, base_frame, locate
+from test_remote_viewer_streams import base_frame, locate
 
 pytestmark = pytest.mark.skipif(
     bool(xclient.missing_tools(("Xvfb", "xdotool", "import", "xterm", "xsetroot"))),

@@ -198,27 +198,24 @@ class Server:
     def stats(self) -> dict:
         """Per display client: its stream's encoder and send statistics. Callable from any
         thread: the numbers are gathered on the server's loop, where they change."""
-        loop = self._loop
-        if loop is not None and loop.is_running() and threading.current_thread() is not self._loop_thread:
-            async def gather() -> dict:
-                return self._collect_stats()
-
-            return asyncio.run_coroutine_threadsafe(gather(), loop).result(5)
-        return self._collect_stats()
+        return self._on_loop(self._collect_stats)
 
     def frame_timings(self) -> list[list[dict]]:
         """Per display client, its active stream's recent frames: stamp, capture (monotonic
         time of display.update), written (monotonic time handed to the socket), size, key."""
-        def collect() -> list[list[dict]]:
-            return [c.streams.recent_frames() if c.streams else [] for c in self._core.display_channels]
+        return self._on_loop(lambda: [c.streams.recent_frames() if c.streams else []
+                                      for c in self._core.display_channels])
 
+    def _on_loop(self, gather):
+        """Run `gather()` on the server's loop (at once when already there, or not running)."""
         loop = self._loop
-        if loop is not None and loop.is_running() and threading.current_thread() is not self._loop_thread:
-            async def gather():
-                return collect()
+        if loop is None or not loop.is_running() or threading.current_thread() is self._loop_thread:
+            return gather()
 
-            return asyncio.run_coroutine_threadsafe(gather(), loop).result(5)
-        return collect()
+        async def run():
+            return gather()
+
+        return asyncio.run_coroutine_threadsafe(run(), loop).result(5)
 
     def _collect_stats(self) -> dict:
         out = {"clients": []}

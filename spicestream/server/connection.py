@@ -19,7 +19,7 @@ from ..protocol.wire import ProtocolError
 from . import tcpinfo, web
 
 if TYPE_CHECKING:
-    from .server import ServerCore
+    from .core import ServerCore
 
 log = logging.getLogger("spicestream.connection")
 

@@ -19,7 +19,6 @@ import time
 
 import numpy as np
 
-from .codec import Codec
 from .elements import ElementSpec
 from .encoder import EncodedFrame, EncoderError, VideoEncoder
 

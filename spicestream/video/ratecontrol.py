@@ -77,10 +77,6 @@ class RateController:
         self.rtt_ms: float | None = None
         self.min_rtt_ms: float | None = None
 
-    @property
-    def frame_interval(self) -> float:
-        return 1.0 / self.fps
-
     def _clamp(self, rate: float) -> int:
         return int(min(self.max_bit_rate, max(self.min_bit_rate, rate)))
 
@@ -203,9 +199,6 @@ class RateController:
             return "congested"
         self._last_admitted = now
         return None
-
-    def skipped(self, reason: str) -> None:
-        self.stats.skipped[reason] += 1
 
     def summary(self) -> dict:
         return {"bit_rate": self.target, "sent_rate": int(self.sent_rate(self._sent[-1][0])) if self._sent else 0,
