@@ -177,21 +177,25 @@ def test_shaped_link_converges_keeps_latency_and_memory_flat_and_recovers():
                 assert rates[-1] < 5_000_000, f"{shaping}: bit rate {rates[-1]} after 5 s ({rates})"
                 t_converged = time.monotonic()
                 # 60 s on the limited link: memory flat, latency low.
-                rss, recent = [], {}
+                rss, recent, limited_rates = [], {}, []
                 while time.monotonic() - t_converged < 60:
                     time.sleep(1)
                     rss.append(rss_bytes())
                     recent.update({e["stamp"]: e for e in server.frame_timings()[0]})
+                    limited_rates.append(active_stream(server)["bit_rate"])
                 limited = active_stream(server)
+                # The rate saw-tooths under the limit: compare against its typical value, not
+                # whichever point of the tooth the last sample caught.
+                limited_rate = float(np.median(limited_rates))
                 link.shape(None)  # lift the limit
                 climbed = False
-                deadline = time.monotonic() + 10
+                deadline = time.monotonic() + 20  # the probe above a known link is gentle: ~3 % per 0.5 s
                 while time.monotonic() < deadline and not climbed:
                     time.sleep(0.5)
                     current = active_stream(server)
                     assert current is not None, "the stream ended while the link was opened up"
                     climbed_to = current["bit_rate"]
-                    climbed = climbed_to > limited["bit_rate"] * 1.3
+                    climbed = climbed_to > limited_rate * 1.3
                 watcher.kill()
                 reader.join(5)
         finally:
@@ -204,7 +208,7 @@ def test_shaped_link_converges_keeps_latency_and_memory_flat_and_recovers():
     growth = (max(rss[5:]) - rss[5]) >> 20
     print(json.dumps({"shaping": shaping, "bit_rate_after_5s": rates[-1], "delay_p95_ms": p95 * 1000,
                       "delay_p50_ms": float(np.median(delays)) * 1000, "rss_growth_mib": growth,
-                      "limited": {k: limited[k] for k in ("bit_rate", "bandwidth_estimate", "dropped",
+                      "limited_median": limited_rate, "limited": {k: limited[k] for k in ("bit_rate", "bandwidth_estimate", "dropped",
                                                           "playout_ms", "frames_sent")},
                       "climbed_to": climbed_to}))
     assert p95 < 0.200, f"{shaping}: capture-to-arrival p95 {p95 * 1000:.0f} ms"
