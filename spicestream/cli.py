@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-ca", metavar="F", help="CA certificates (PEM) to verify clients with")
     serve.add_argument("--web", action="store_true",
                        help="also answer browsers on the SPICE port with the spice-html5 client")
+    serve.add_argument("--web-origin", type=_origin, action="append", default=[], metavar="ORIGIN",
+                       help="a page (scheme://host[:port]) that may open a WebSocket here, e.g. a "
+                            "portal serving spice-html5 itself (repeatable)")
     serve.add_argument("--secure-channels", default="", metavar="LIST",
                        help="channels refused on the plain port: main,display,inputs,cursor or all")
     serve.add_argument("--size", type=_size, default=(1280, 720), metavar="WxH", help="display size (default 1280x720)")
@@ -113,6 +116,15 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _origin(text: str) -> str:
+    from .server.web import normalise_origin
+
+    try:
+        return normalise_origin(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def serve(parser, args) -> int:
     from . import Server
     from .server.security import TLSConfigError
@@ -144,7 +156,7 @@ def serve(parser, args) -> int:
                         unix_path=args.unix, max_clients=args.max_clients,
                         ticket_expiry=args.ticket_expiry, tls_port=args.tls_port, tls_cert=args.tls_cert,
                         tls_key=args.tls_key, tls_ca=args.tls_ca, secure_channels=args.secure_channels,
-                        web=args.web)
+                        web=args.web, web_origins=args.web_origin)
     except WebError as exc:
         parser.error(f"argument --web: {exc}")
     except TLSConfigError as exc:

@@ -489,7 +489,7 @@ def _half_message_header(p, server, client):
 
 def _half_message_body(p, server, client):
     link(p, ChannelType.INPUTS, client.session_id)
-    p.send(header(True, CLIENT.INPUTS_KEY_SCANCODE.type_id, 100) + b"\x1e" * 50)
+    p.send(header(True, CLIENT.INPUTS_KEY_SCANCODE.type_id, 40) + b"\x1e" * 20)
 
 
 def _half_full_header(p, server, client):

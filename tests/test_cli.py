@@ -13,6 +13,7 @@ import pytest
     (["--password-file", "/nonexistent/pw"], "--password-file"), (["--video-codecs", ""], "--video-codecs"),
     (["--streaming-video", "sometimes"], "--streaming-video"), (["--source", "vnc"], "--source"),
     (["--source", "x11"], "--x-display"), (["--secure-channels", "all"], "--secure-channels"),
+    (["--web-origin", "evil.example"], "--web-origin"), (["--web-origin", "https://a.example/page"], "--web-origin"),
     (["--bogus"], "--bogus"),
 ])
 def test_bad_option_exits_2_naming_it(args, option):

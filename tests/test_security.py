@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import socket
 import ssl
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import spicestream
 from spicestream.protocol.constants import ChannelType as Ch
 from spicestream.protocol.constants import LinkError
 from spicestream.server.tickets import FREE_FAILURES, Tickets
+from spicestream.protocol.link import LINK_HEADER, ClientLink
 from spicestream.testing.client import LinkRefused, TestClient
 
 import xclient
@@ -179,3 +181,97 @@ def test_remote_viewer_follows_to_tls(tls_server, tmp_path):
         viewer = x.start_viewer(secure)  # pointed at the plain port: follows to the TLS port
         xclient.wait_until(lambda: red_shown(x.screenshot()), 20, 0.3, "the picture over TLS")
         assert server.sessions == 1
+
+
+# -- memory before login (attacks on a server process of its own) -------------------------------
+def test_a_held_back_answer_does_not_let_a_guesser_fill_our_memory():
+    """After repeated failures the answer to a wrong ticket is held back; meanwhile the
+    attacker streams junk at full speed. The server stops reading once the ticket is in."""
+    from attack import ServerProcess, link_and_send_ticket, push
+    from spicestream.protocol.constants import ChannelType
+
+    with ServerProcess(password="right") as server:
+        for _ in range(FREE_FAILURES + 3):  # the next answer is held back for 2 s
+            with pytest.raises(LinkRefused):
+                TestClient("127.0.0.1", server.port, password="guess").connect()
+        before = server.rss_mib()
+        sock = link_and_send_ticket(server.port, ChannelType.MAIN, "guess")
+        pushed = push(sock, 512 << 20, seconds=1.5)
+        after = server.rss_mib()
+        sock.close()
+        print(f"\npushed {pushed >> 20} MiB while the answer was held back; server RSS "
+              f"{before:.0f} -> {after:.0f} MiB")
+        assert after - before < 16, f"server RSS grew {after - before:.0f} MiB"
+        assert pushed < 64 << 20, f"the server took {pushed >> 20} MiB from an unauthenticated peer"
+        TestClient("127.0.0.1", server.port, password="right").connect().close()  # still serving
+
+
+def test_junk_pipelined_before_the_link_completes_closes_that_connection():
+    from attack import ServerProcess, push
+
+    from spicestream.protocol.link import MAX_PENDING_BYTES
+
+    with ServerProcess() as server:
+        before = server.rss_mib()
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            # A valid link header announcing the biggest message, then far more than that.
+            sock.sendall(ClientLink(0, Ch.MAIN, 0).hello[:LINK_HEADER.size])
+            pushed = push(sock, 64 << 20, seconds=1.5)
+        after = server.rss_mib()
+        print(f"\npushed {pushed >> 10} KiB before the link; server RSS {before:.0f} -> {after:.0f} MiB")
+        assert after - before < 16
+        deadline = time.monotonic() + 5
+        while not server.lines("closing connection") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        closed = server.lines("closing connection")
+        assert len(closed) == 1 and ("bytes before the link" in closed[0] or "bad link" in closed[0]), closed
+        assert MAX_PENDING_BYTES <= 64 << 10
+        TestClient("127.0.0.1", server.port).connect().close()
+
+
+# -- amplification after login ------------------------------------------------------------------
+def test_oversized_and_amplifying_messages_close_only_their_connection():
+    """After login: a message whose sub-message list points 2000 times at one 32 KiB part
+    (64 MiB if expanded), and a 32 MiB KEY_SCANCODE. Each closes its own connection with one
+    log line, before anything big is buffered; a watching client goes on."""
+    import struct as st
+
+    from attack import ServerProcess, linked, push
+
+    with ServerProcess() as server:
+        watcher = TestClient("127.0.0.1", server.port).connect()
+        # The attacker's own session: main and (below) inputs.
+        attacker = TestClient("127.0.0.1", server.port, channels=()).connect()
+        session_id = attacker.session_id
+        before = server.rss_mib()
+        # A full-header message (sub-lists exist only there): MIGRATE_DATA, whose body may be 64 KiB.
+        display = linked(server.port, Ch.DISPLAY, connection_id=session_id, mini_header=False)
+        part_size = (32 << 10) - 6
+        part = st.pack("<HI", 2, part_size) + bytes(part_size)
+        sub_list = st.pack("<H", 2000) + st.pack("<I", 0) * 2000
+        body = part + sub_list
+        display.sendall(st.pack("<QHII", 1, 5, len(body), len(part)) + body)
+        # A 32 MiB KEY_SCANCODE on the inputs channel (inputs messages are a few bytes).
+        inputs = linked(server.port, Ch.INPUTS, connection_id=session_id)
+        inputs.sendall(st.pack("<HI", 104, 32 << 20))
+        pushed = push(inputs, 32 << 20, seconds=1.5)
+        after = server.rss_mib()
+        print(f"\namplified list and a 32 MiB KEY_SCANCODE ({pushed >> 20} MiB pushed): server RSS "
+              f"{before:.0f} -> {after:.0f} MiB")
+        assert after - before < 16, f"server RSS grew {after - before:.0f} MiB"
+        deadline = time.monotonic() + 5
+        while len(server.lines("exceeds the limit") + server.lines("add up to more")) < 2 \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+        closes = server.lines("closing connection")
+        assert any("add up to more than their message" in c for c in closes), closes
+        assert any("type 104 of 33554432 bytes exceeds the limit" in c for c in closes), closes
+        assert not server.lines("key ")  # nothing reached the application
+        # The watcher still gets updates.
+        before_frames = watcher.draws
+        server.update()
+        watcher.wait_for(lambda c: c.draws > before_frames, timeout=10, what="an update after the attacks")
+        display.close()
+        inputs.close()
+        attacker.close()
+        watcher.close()

@@ -12,11 +12,15 @@ from spicestream.protocol.constants import ChannelType, LinkError
 from spicestream.protocol.link import LINK_HEADER, ClientLink
 
 
-def upgrade_request(port: int) -> bytes:
+PORTAL = "https://portal.example"  # a page that hosts spice-html5 itself, allowed by the operator
+
+
+def upgrade_request(port: int, origin: str | None = None) -> bytes:
     key = base64.b64encode(os.urandom(16)).decode()
+    origin_line = f"Origin: {origin}\r\n" if origin else ""
     return (f"GET /websockify HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
             f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-            f"Sec-WebSocket-Protocol: binary\r\n\r\n").encode()
+            f"Sec-WebSocket-Protocol: binary\r\n{origin_line}\r\n").encode()
 
 
 def client_frame(payload: bytes, opcode=Opcode.BINARY) -> bytes:
@@ -36,7 +40,7 @@ def read_until(sock, predicate, timeout=5.0) -> bytes:
 
 
 def test_link_in_the_same_packet_as_the_handshake_is_answered():
-    server = spicestream.Server(port=0, width=64, height=64).start()
+    server = spicestream.Server(port=0, width=64, height=64, web_origins=[PORTAL]).start()
     try:
         with socket.create_connection(("127.0.0.1", server.port)) as sock:
             hello = ClientLink(0, ChannelType.MAIN, 0).hello
@@ -55,7 +59,7 @@ def test_link_in_the_same_packet_as_the_handshake_is_answered():
 
 
 def test_a_websocket_closed_by_the_client_ends_that_connection_only():
-    server = spicestream.Server(port=0, width=64, height=64).start()
+    server = spicestream.Server(port=0, width=64, height=64, web_origins=[PORTAL]).start()
     try:
         with socket.create_connection(("127.0.0.1", server.port)) as sock:
             sock.sendall(upgrade_request(server.port))
@@ -71,5 +75,61 @@ def test_a_websocket_closed_by_the_client_ends_that_connection_only():
         with socket.create_connection(("127.0.0.1", server.port)) as sock:
             sock.sendall(upgrade_request(server.port))
             assert read_until(sock, lambda d: b"\r\n\r\n" in d).startswith(b"HTTP/1.1 101")
+    finally:
+        server.stop()
+
+
+# -- cross-site WebSocket hijacking -------------------------------------------------------------
+def link_over_websocket(port: int, origin: str | None, channel=ChannelType.MAIN) -> bytes:
+    """What a page at `origin` gets when it opens a WebSocket to us and sends a link hello."""
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(upgrade_request(port, origin) + client_frame(ClientLink(0, channel, 0).hello))
+        # Refused: read to the server's close. Upgraded: until the link reply's frame is in.
+        return read_until(sock, lambda d: d.startswith(b"HTTP/1.1 101") and b"\r\n\r\n" in d
+                          and len(d.split(b"\r\n\r\n", 1)[1]) > 20, timeout=5)
+
+
+def test_a_page_from_another_origin_cannot_link_or_type(caplog):
+    """The attack: evil.example's page opens a WebSocket to a password-less loopback server
+    and tries to link main and inputs. It gets 403 and nothing links; the log says why."""
+    keys = []
+    for kwargs in ({}, {"web_origins": [PORTAL]}, {"web": True}):
+        server = spicestream.Server(port=0, width=64, height=64, **kwargs).start()
+        server.on_key = lambda *a: keys.append(a)
+        try:
+            for channel in (ChannelType.MAIN, ChannelType.INPUTS):
+                answer = link_over_websocket(server.port, "https://evil.example", channel)
+                assert answer.startswith(b"HTTP/1.1 403"), (kwargs, answer[:80])
+                assert b"\r\n\r\n" in answer and b"\x82" not in answer.split(b"\r\n\r\n", 1)[1]
+            assert server.sessions == 0
+        finally:
+            server.stop()
+    refusals = [r.getMessage() for r in caplog.records if "WebSocket refused" in r.getMessage()]
+    assert len(refusals) == 6, refusals
+    assert all("evil.example" in m or "WebSocket is off" in m for m in refusals), refusals
+    assert keys == []
+
+
+def test_websocket_is_off_without_web_or_web_origin():
+    server = spicestream.Server(port=0, width=64, height=64).start()
+    try:
+        assert link_over_websocket(server.port, None).startswith(b"HTTP/1.1 403")
+    finally:
+        server.stop()
+
+
+def test_allowed_origins_link():
+    """The page --web serves (same origin as the Host it asked), a listed portal, and
+    non-browser clients (no Origin) all link."""
+    def linked(answer: bytes) -> bool:
+        return answer.startswith(b"HTTP/1.1 101") and b"\r\n\r\n\x82" in answer
+
+    server = spicestream.Server(port=0, width=64, height=64, web=True, web_origins=[PORTAL]).start()
+    try:
+        for origin in (f"http://127.0.0.1:{server.port}", PORTAL, PORTAL.upper() + ":443", None):
+            assert linked(link_over_websocket(server.port, origin)), origin
+        # The same page served on another port is another origin.
+        assert link_over_websocket(server.port, f"http://127.0.0.1:{server.port + 1}").startswith(b"HTTP/1.1 403")
+        assert link_over_websocket(server.port, "null").startswith(b"HTTP/1.1 403")  # sandboxed iframes
     finally:
         server.stop()

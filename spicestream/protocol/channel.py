@@ -60,6 +60,8 @@ class ChannelProtocol:
         self.outgoing: Direction = SERVER if side == "server" else CLIENT
         self.incoming: Direction = CLIENT if side == "server" else SERVER
         kwargs = {} if max_message_size is None else {"max_size": max_message_size}
+        if side == "server":  # what a client may send us is bounded type by type
+            kwargs["body_limit"] = lambda type_id: self.incoming.body_limit(channel_type, type_id)
         self._reader = MessageReader(mini_header, expand_list=side == "client", **kwargs)
         self._writer = MessageWriter(mini_header)
         self._out: list = []

@@ -41,6 +41,11 @@ LINK_REPLY = struct.Struct(f"<I{TICKET_PUBKEY_BYTES}sIII")
 RESULT = struct.Struct("<I")
 MAX_CAPS_WORDS = 1024
 MIN_MESS_SIZE, MAX_MESS_SIZE = LINK_MESS.size, 4096
+# Everything a peer may have buffered here before its link completes: a whole pipelined link
+# (header, message, auth word, ticket: under 4.3 KiB) plus the start of its data stream. An
+# unauthenticated peer never makes us hold more (the transport stops reading while a ticket
+# is being answered).
+MAX_PENDING_BYTES = 16 << 10
 AUTH_SPICE = 1
 OAEP = padding.OAEP(mgf=padding.MGF1(algorithm=hashes.SHA1()), algorithm=hashes.SHA1(), label=None)
 SERVER_COMMON_CAPS = (CommonCap.PROTOCOL_AUTH_SELECTION, CommonCap.AUTH_SPICE, CommonCap.MINI_HEADER)
@@ -104,6 +109,9 @@ class ServerLink:
     def receive_data(self, data: bytes) -> list:
         if self._state in (_State.DONE, _State.CLOSED):
             return []
+        if len(self._buf) + len(self.leftover) + len(data) > MAX_PENDING_BYTES:
+            return [self._fail(LinkError.INVALID_DATA, "more than "
+                               f"{MAX_PENDING_BYTES} bytes before the link completed", reply=False)]
         self._buf += data
         events = []
         while self._state in (_State.HEADER, _State.MESS, _State.AUTH, _State.TICKET):
@@ -195,6 +203,8 @@ class ServerLink:
         assert self._state is _State.CHECKING
         self._out += RESULT.pack(error)
         self._state = _State.DONE if error == LinkError.OK else _State.CLOSED
+        self.leftover += bytes(self._buf)  # what came while the ticket was being checked
+        self._buf.clear()
 
 
 class ClientLink:

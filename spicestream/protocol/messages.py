@@ -141,6 +141,19 @@ CLIENT_TABLE: list[tuple[Ch | None, int, str, list[tuple[str, Any]]]] = [
     (Ch.INPUTS, 114, "MOUSE_RELEASE", [("button", u8), ("buttons_state", u16)]),
 ]
 
+# The most a client message's body may hold, so that a peer cannot make us buffer (or decode)
+# more than the protocol needs (brief §2). Fixed-size messages get their size plus a little
+# slack (spice-html5 sends an 11-byte MOUSE_MOTION); variable ones are listed here; types we
+# do not declare are skipped by size, up to UNKNOWN_BODY_LIMIT.
+FIXED_BODY_SLACK = 16
+CLIENT_BODY_LIMITS = {
+    "MIGRATE_DATA": 64 << 10,  # we never migrate; spice-gtk sends none
+    "MAIN_AGENT_DATA": 4096,  # VD_AGENT chunks are at most 2048 bytes (brief §8)
+    "DISPLAY_PREFERRED_VIDEO_CODEC_TYPE": 1 + 255,  # u8 count, u8 codecs
+    "INPUTS_KEY_SCANCODE": 64,  # one key's make/break bytes: a few, up to the Pause sequence
+}
+UNKNOWN_BODY_LIMIT = 64 << 10
+
 HEAD = Head  # MONITORS_CONFIG heads are packed by the caller with HEAD.pack (see display)
 
 
@@ -179,6 +192,26 @@ class Direction:
     def encode(self, message) -> tuple[int, bytes]:
         type_id, parts = self.encode_parts(message)
         return type_id, b"".join(parts)
+
+    def layout(self, channel: int, type_id: int) -> Layout | None:
+        layout = self._by_key.get((None, type_id)) if type_id < 100 else None
+        if layout is None:
+            try:
+                layout = self._by_key.get((Ch(channel), type_id))
+            except ValueError:
+                return None
+        return layout
+
+    def body_limit(self, channel: int, type_id: int) -> int:
+        """The largest body a message of this type may have (see CLIENT_BODY_LIMITS)."""
+        layout = self.layout(channel, type_id)
+        if layout is None:
+            return UNKNOWN_BODY_LIMIT
+        if layout.name in CLIENT_BODY_LIMITS:
+            return CLIENT_BODY_LIMITS[layout.name]
+        if layout.fixed_size is None:
+            raise ValueError(f"{layout.name} is variable-sized: give it a limit in CLIENT_BODY_LIMITS")
+        return layout.fixed_size + FIXED_BODY_SLACK
 
     def decode(self, channel: int, type_id: int, body) -> Any | None:
         """Decode a body; None for a type this channel does not know (skipped by size).

@@ -170,6 +170,8 @@ class Layout:
         self._fixed = len(run)
         self._fixed_has_records = any(isinstance(f, Record) for f in run)
         self._fixed_struct = struct.Struct("<" + "".join(f.struct.format[1:] for f in run))
+        # The body size when every field is fixed-size, else None (arrays, blobs, the rest).
+        self.fixed_size = self._fixed_struct.size if self._fixed == len(fields) else None
 
     def pack_parts(self, value: Any) -> list[Any]:
         """Pack to a list of bytes-like parts (large payloads are passed through uncopied)."""

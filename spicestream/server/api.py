@@ -27,7 +27,7 @@ from .connection import ChannelConnection
 from .core import ServerCore
 from .cursor import cursor_bytes
 from .security import parse_secure_channels, tls_context
-from .web import WebRoot
+from .web import WebRoot, normalise_origin
 
 log = logging.getLogger("spicestream.server")
 TICK_S = 0.05  # draw completions are promised within 1 s; this keeps them well inside
@@ -41,10 +41,14 @@ class Server:
                  unix_path: str | None = None, max_clients: int = 8,
                  ticket_expiry: float | None = None, tls_port: int | None = None,
                  tls_cert: str | None = None, tls_key: str | None = None, tls_ca: str | None = None,
-                 secure_channels: str | list[str] = (), web: bool | str = False):
+                 secure_channels: str | list[str] = (), web: bool | str = False,
+                 web_origins: list[str] = ()):
         """`video_codecs`: "encoder:codec" entries separated by ";" (spice-server syntax),
         e.g. "gstreamer:h264;spice:mjpeg"; raises CodecListError for a bad list.
-        `streaming_video`: "off", "all" or "filter" (spice-server's modes)."""
+        `streaming_video`: "off", "all" or "filter" (spice-server's modes).
+        `web`: serve spice-html5 and accept its WebSocket; `web_origins`: other pages that
+        may open a WebSocket here ("https://portal.example"; ValueError for a bad one). With
+        neither, browsers cannot connect at all."""
         if password is not None and len(password.encode()) > 60:
             raise ValueError("password longer than 60 bytes: SPICE clients refuse it")
         if streaming_video not in MODES:
@@ -68,6 +72,9 @@ class Server:
         self._core.secure_channels = parse_secure_channels(secure_channels)
         if web:  # True, or the folder spice-html5 is in; raises WebError if it is missing
             self._core.web = WebRoot() if web is True else WebRoot(web)
+        if isinstance(web_origins, str):
+            web_origins = [web_origins]
+        self._core.web_origins = frozenset(normalise_origin(o) for o in web_origins)
         if self._core.secure_channels and tls_port is None:
             raise ValueError("secure channels need a TLS port")
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -110,6 +110,15 @@ class ChannelConnection(asyncio.Protocol):
         self._http = None
         raw = self.transport
         if web.is_upgrade(request):
+            refusal = web.websocket_refusal(request.headers, self.core.web is not None,
+                                            self.core.web_origins, self.secure)
+            if refusal is not None:
+                ws.send_response(ws.reject(403, "WebSocket refused\n"))
+                for chunk in ws.data_to_send():
+                    if chunk:
+                        raw.write(chunk)
+                self.abort(f"WebSocket refused: {refusal}")
+                return
             response = ws.accept(request)
             ws.send_response(response)
             if response.status_code != 101:
@@ -173,6 +182,9 @@ class ChannelConnection(asyncio.Protocol):
                 # A client may send its auth word and ticket without waiting for our reply.
                 events += self.link.receive_data(b"")
             elif isinstance(event, TicketReceived):
+                # Nothing more is read until the ticket is answered (which may be held back
+                # for a guesser): an unauthenticated peer cannot make us buffer its stream.
+                self.transport.pause_reading()
                 error, session, reason = self.core.authenticate(event.password, self.link.request, self)
                 if error == LinkError.PERMISSION_DENIED:
                     # An address that keeps guessing waits longer and longer for its answer.
@@ -207,6 +219,8 @@ class ChannelConnection(asyncio.Protocol):
     def _start_channel(self, session) -> None:
         if self._link_timer:
             self._link_timer.cancel()
+        if self.ws is not None:
+            self.ws.linked()
         request = self.link.request
         self.proto = ChannelProtocol(request.channel_type, self.link.mini_header)
         self.handler = self.core.make_handler(request, session, self)
@@ -217,6 +231,8 @@ class ChannelConnection(asyncio.Protocol):
         self.flush()
         if self.link.leftover:
             self._receive_messages(self.link.leftover)
+        if not self.paused and not self.closed:
+            self.transport.resume_reading()
 
     # -- linked ----------------------------------------------------------------------------
     def _receive_messages(self, data: bytes) -> None:

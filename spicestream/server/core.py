@@ -63,6 +63,7 @@ class ServerCore:
         self.tickets = Tickets(password)
         self.secure_channels: set[int] = set()  # channel types refused on plain links
         self.web = None  # a WebRoot when browsers get the spice-html5 page (--web)
+        self.web_origins: frozenset[str] = frozenset()  # other pages that may open a WebSocket
         self.name = name
         self.uuid = uuidlib.uuid4().bytes
         self.sessions: dict[int, Session] = {}

@@ -19,7 +19,8 @@ from websockets.server import ServerProtocol
 
 SPICE_HTML5_ROOT = "/usr/share/spice-html5"
 MAX_REQUEST_BYTES = 16 << 10
-MAX_MESSAGE_BYTES = 16 << 20
+MAX_MESSAGE_BYTES = 16 << 20  # once linked
+MAX_PRELOGIN_MESSAGE_BYTES = 8 << 10  # before: a link message, an auth word, a ticket
 
 
 class WebError(ValueError):
@@ -49,6 +50,50 @@ class WebRoot:
         return _response(200, "OK", body, {"Content-Type": kind, "Cache-Control": "no-cache"})
 
 
+def normalise_origin(origin: str) -> str:
+    """"scheme://host[:port]" in lower case, without a default port; ValueError if `origin`
+    is not one (a path, a query, a missing host)."""
+    url = urllib.parse.urlsplit(origin.strip().lower())
+    if url.scheme not in ("http", "https") or not url.hostname or url.path not in ("", "/") \
+            or url.query or url.fragment or url.username is not None:
+        raise ValueError(f"not an origin (scheme://host[:port]): {origin!r}")
+    port = url.port  # raises ValueError for a bad port
+    default = 80 if url.scheme == "http" else 443
+    host = f"[{url.hostname}]" if ":" in url.hostname else url.hostname
+    return f"{url.scheme}://{host}" + (f":{port}" if port not in (None, default) else "")
+
+
+def websocket_refusal(headers, served_web: bool, allowed_origins: frozenset[str], secure: bool) -> str | None:
+    """Why a WebSocket upgrade is refused, or None to accept it.
+
+    A browser says where the page that opens the WebSocket came from (Origin), and sends
+    it from any page: without this check any web site the user visits could link to a
+    password-less server on loopback and type into it (cross-site WebSocket hijacking).
+    Accepted: the page --web serves (the same origin as this request's Host), or an origin
+    the operator listed (--web-origin). A request without Origin is not from a browser page,
+    which a script could not forge, and is accepted. Without --web or --web-origin the
+    WebSocket door is shut."""
+    if not served_web and not allowed_origins:
+        return "WebSocket is off (start with --web or --web-origin)"
+    origin = headers.get("Origin")
+    if origin is None:
+        return None
+    try:
+        origin = normalise_origin(origin)
+    except ValueError:
+        return f"bad Origin {origin[:100]!r}"
+    if origin in allowed_origins:
+        return None
+    if served_web:
+        try:
+            own = normalise_origin(f"{'https' if secure else 'http'}://{headers.get('Host', '')}")
+        except ValueError:
+            own = None
+        if origin == own:
+            return None
+    return f"Origin {origin!r} is not allowed (--web-origin)"
+
+
 def _response(status: int, reason: str, body: bytes, headers: dict) -> Response:
     h = Headers(headers)
     h["Content-Length"] = str(len(body))
@@ -75,6 +120,12 @@ class WebSocketTransport:
 
     def __init__(self, raw, ws: ServerProtocol):
         self.raw, self.ws = raw, ws
+        # An unauthenticated peer gets small frames only; `linked()` lifts the limit. (The
+        # protocol reads this limit for every frame, before it buffers the frame's payload.)
+        self.ws.max_message_size = MAX_PRELOGIN_MESSAGE_BYTES
+
+    def linked(self) -> None:
+        self.ws.max_message_size = MAX_MESSAGE_BYTES
 
     @property
     def open(self) -> bool:
