@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import os
 import logging
 import signal
@@ -55,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=_port, default=5900, help="SPICE port (default 5900)")
     serve.add_argument("--unix", metavar="PATH", help="also listen on this unix socket (local clients, GL scanouts)")
+    serve.add_argument("--unix-mode", type=_unix_mode, default=0o600, metavar="MODE",
+                       help="permissions of the unix socket: 600 (default, only this user) or 660 (its group too)")
     auth = serve.add_mutually_exclusive_group()
     auth.add_argument("--password-file", metavar="F", help="file whose first line is the password")
     auth.add_argument("--disable-ticketing", action="store_true", help="accept clients without a password")
@@ -107,13 +108,10 @@ def _read_password(parser, path: str) -> str:
     return password
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+def _unix_mode(text: str) -> int:
+    if text not in ("600", "0600", "660", "0660"):
+        raise argparse.ArgumentTypeError(f"expected 600 or 660, got {text!r}")
+    return int(text, 8)
 
 
 def _origin(text: str) -> str:
@@ -127,14 +125,14 @@ def _origin(text: str) -> str:
 
 def serve(parser, args) -> int:
     from . import Server
-    from .server.security import TLSConfigError
+    from .server.security import TLSConfigError, is_loopback
     from .server.web import WebError
     from .sources.demo import run_demo
 
     if args.source == "x11" and not args.x_display:
         parser.error("argument --x-display: required with --source x11")
     password = _read_password(parser, args.password_file) if args.password_file else None
-    if password is None and not args.disable_ticketing and not _is_loopback(args.host):
+    if password is None and not args.disable_ticketing and not is_loopback(args.host):
         parser.error(f"argument --host: refusing to serve {args.host} without a password; "
                      "give --password-file F or --disable-ticketing")
     if args.ticket_expiry is not None and password is None:
@@ -153,10 +151,11 @@ def serve(parser, args) -> int:
     try:
         server = Server(host=args.host, port=args.port, password=password, width=width, height=height,
                         video_codecs=args.video_codecs, streaming_video=args.streaming_video,
-                        unix_path=args.unix, max_clients=args.max_clients,
+                        unix_path=args.unix, unix_mode=args.unix_mode, max_clients=args.max_clients,
                         ticket_expiry=args.ticket_expiry, tls_port=args.tls_port, tls_cert=args.tls_cert,
                         tls_key=args.tls_key, tls_ca=args.tls_ca, secure_channels=args.secure_channels,
-                        web=args.web, web_origins=args.web_origin)
+                        web=args.web, web_origins=args.web_origin,
+                        allow_unauthenticated_remote=args.disable_ticketing)
     except WebError as exc:
         parser.error(f"argument --web: {exc}")
     except TLSConfigError as exc:

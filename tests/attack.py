@@ -33,14 +33,21 @@ while sys.stdin.readline():  # one line: one update (a changing display for watc
 
 
 class ServerProcess:
-    def __init__(self, **server_kwargs):
+    def __init__(self, fd_limit: int | None = None, **server_kwargs):
         self.kwargs = {"width": 64, "height": 64, **server_kwargs}
+        self.fd_limit = fd_limit
         self.log: list[str] = []
+
+    def _limits(self) -> None:
+        if self.fd_limit is not None:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_NOFILE, (self.fd_limit, self.fd_limit))
 
     def __enter__(self) -> "ServerProcess":
         self.proc = subprocess.Popen([sys.executable, "-c", SCRIPT, json.dumps(self.kwargs)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True)
+                                     text=True, preexec_fn=self._limits)
         self.port = int(self.proc.stdout.readline())
         self._reader = threading.Thread(target=lambda: [self.log.append(l.rstrip()) for l in self.proc.stderr],
                                         daemon=True)
@@ -76,10 +83,15 @@ def recv_exactly(sock: socket.socket, n: int) -> bytes:
     return data
 
 
+def connect_from(source: str, port: int, timeout: float = 10) -> socket.socket:
+    """A TCP connection to the server from loopback address `source` (any 127.x.y.z is ours)."""
+    return socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=(source, 0))
+
+
 def link_and_send_ticket(port: int, channel_type: int, password: str | None, connection_id: int = 0,
-                         mini_header: bool = True) -> socket.socket:
+                         mini_header: bool = True, source: str = "127.0.0.1") -> socket.socket:
     """Link hello, read the reply, send auth + ticket; returns the socket (result not read)."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock = connect_from(source, port)
     common = (CommonCap.PROTOCOL_AUTH_SELECTION, CommonCap.MINI_HEADER) if mini_header else \
         (CommonCap.PROTOCOL_AUTH_SELECTION,)
     sock.sendall(ClientLink(connection_id, channel_type, 0, common_caps=common).hello)
@@ -106,10 +118,21 @@ def push(sock: socket.socket, total: int, seconds: float) -> int:
 
 
 def linked(port: int, channel_type: int, password: str | None = None, connection_id: int = 0,
-           mini_header: bool = True) -> socket.socket:
+           mini_header: bool = True, source: str = "127.0.0.1") -> socket.socket:
     """A socket whose channel is linked (the link result read and checked)."""
-    sock = link_and_send_ticket(port, channel_type, password, connection_id, mini_header)
+    sock = link_and_send_ticket(port, channel_type, password, connection_id, mini_header, source)
     result = int.from_bytes(recv_exactly(sock, 4), "little")
     if result != 0:
         raise ConnectionError(f"link refused: {result}")
     return sock
+
+
+def closed_by_server(sock: socket.socket, wait: float) -> bool:
+    """True if the server closed (or reset) this connection within `wait` seconds."""
+    sock.settimeout(wait)
+    try:
+        return sock.recv(1) == b""
+    except (TimeoutError, socket.timeout):
+        return False
+    except OSError:
+        return True

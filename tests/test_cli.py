@@ -14,6 +14,7 @@ import pytest
     (["--streaming-video", "sometimes"], "--streaming-video"), (["--source", "vnc"], "--source"),
     (["--source", "x11"], "--x-display"), (["--secure-channels", "all"], "--secure-channels"),
     (["--web-origin", "evil.example"], "--web-origin"), (["--web-origin", "https://a.example/page"], "--web-origin"),
+    (["--unix-mode", "666"], "--unix-mode"),
     (["--bogus"], "--bogus"),
 ])
 def test_bad_option_exits_2_naming_it(args, option):

@@ -165,6 +165,7 @@ def test_shaped_link_converges_keeps_latency_and_memory_flat_and_recovers():
     with netns.NetnsLink() as link:
         shaping = link.shape(f"{LIMIT // 1000}kbit")
         server = spicestream.Server(host=netns.SERVER_IP, port=0, width=1920, height=1080,
+                                    allow_unauthenticated_remote=True,  # a link of the test's own
                                     video_codecs="gstreamer:h264", streaming_video="all").start()
         try:
             with MovingContent(server.display, 1920, 1080) as content:

@@ -20,7 +20,8 @@ from cryptography.x509.oid import NameOID
 import spicestream
 from spicestream.protocol.constants import ChannelType as Ch
 from spicestream.protocol.constants import LinkError
-from spicestream.server.tickets import FREE_FAILURES, Tickets
+from spicestream.server.tickets import (FORGET_AFTER_S, FREE_FAILURES, GLOBAL_DELAY_S, GLOBAL_FAILURES_PER_S,
+                                         Tickets, network_of)
 from spicestream.protocol.link import LINK_HEADER, ClientLink
 from spicestream.testing.client import LinkRefused, TestClient
 
@@ -32,17 +33,35 @@ def test_ticket_rules():
     t = Tickets(b"pw")
     assert t.check(b"pw") is None
     assert t.check(b"pW") == "wrong password" and t.check(None) == "ticket did not decrypt"
-    t.set(b"new", expires_in=10)
-    assert t.check(b"pw") == "wrong password" and t.check(b"new") is None
-    assert t.check(b"new", now=time.monotonic() + 11) == "ticket expired"
+    t.set(b"new", expires_in=10, now=50.0)
+    assert t.check(b"pw", now=50.0) == "wrong password" and t.check(b"new", now=59.9) is None
+    assert t.check(b"new", now=60.0) == "ticket expired"
     t.set(None)
     assert t.check(b"anything") is None
     delays = [t.failed("10.0.0.9", now=100.0 + i) for i in range(FREE_FAILURES + 4)]
     assert delays[:FREE_FAILURES] == [0.0] * FREE_FAILURES
     assert delays[FREE_FAILURES:] == sorted(delays[FREE_FAILURES:]) and delays[-1] > delays[FREE_FAILURES]
-    assert t.failed("10.0.0.10", now=110.0) == 0.0  # another address is not slowed down
-    t.succeeded("10.0.0.9")
+    # Every answer to that network waits now, a right one too, from any of its addresses.
+    assert t.delay("10.0.0.9", now=110.0) == delays[-1] * 2
+    assert t.delay("10.0.0.200", now=110.0) == delays[-1] * 2
+    assert t.delay("10.0.1.9", now=110.0) == 0.0  # another network is not slowed down
+    t.succeeded("10.0.0.77")
     assert t.failed("10.0.0.9", now=111.0) == 0.0
+    # IPv6 networks are /64s; IPv4 in IPv6 counts as IPv4.
+    for i in range(FREE_FAILURES):
+        t.failed(f"2001:db8::{i + 1}", now=120.0 + i)
+    assert t.delay("2001:db8::ffff", now=124.0) > 0 and t.delay("2001:db8:0:1::1", now=124.0) == 0.0
+    assert network_of("::ffff:192.0.2.7") == network_of("192.0.2.200") == "192.0.2.0/24"
+    # A network quiet for FORGET_AFTER_S starts over.
+    assert t.delay("2001:db8::1", now=124.0 + FORGET_AFTER_S + 1) == 0.0
+
+
+def test_many_failures_a_second_from_anywhere_slow_every_answer():
+    t = Tickets(b"pw")
+    for i in range(GLOBAL_FAILURES_PER_S):  # one failure each from many networks: none is penalised
+        assert t.failed(f"10.{i}.0.1", now=1.0 + i * 0.05) == 0.0
+    assert t.delay("192.0.2.1", now=1.6) == GLOBAL_DELAY_S  # but everyone waits while it lasts
+    assert t.delay("192.0.2.1", now=1.0 + (GLOBAL_FAILURES_PER_S - 1) * 0.05 + 1.01) == 0.0
 
 
 def test_right_wrong_expired_and_changed_tickets():
@@ -86,7 +105,13 @@ def test_repeated_failures_from_one_address_are_slowed_down(caplog):
         assert schedule[-1] >= 1.0 and schedule[:FREE_FAILURES] == [0.0] * FREE_FAILURES
         assert all(t >= d * 0.99 for t, d in zip(times, schedule)), (times, schedule)
         assert float(np.median(times[:FREE_FAILURES])) < schedule[-1] / 3, times
-        refusals = [r for r in caplog.records if "wrong password" in r.getMessage()]
+        # The refusal is logged on the server thread just after the answer is written: wait for it.
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            refusals = [r for r in caplog.records if "wrong password" in r.getMessage()]
+            if len(refusals) >= FREE_FAILURES + 3:
+                break
+            time.sleep(0.02)
         assert len(refusals) == FREE_FAILURES + 3 and all("127.0.0.1:" in r.getMessage() for r in refusals)
         TestClient("127.0.0.1", server.port, password="right").connect().close()  # still works
     finally:
@@ -113,7 +138,17 @@ def make_ca_and_cert(tmp_path):
                                                         x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
                            critical=False)
             .sign(ca_key, hashes.SHA256()))
-    paths = {"ca": tmp_path / "ca.pem", "cert": tmp_path / "cert.pem", "key": tmp_path / "key.pem"}
+    client_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    client_cert = (x509.CertificateBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "a client")]))
+                   .issuer_name(ca_name).public_key(client_key.public_key())
+                   .serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(days=1))
+                   .not_valid_after(now + datetime.timedelta(days=2)).sign(ca_key, hashes.SHA256()))
+    paths = {"ca": tmp_path / "ca.pem", "cert": tmp_path / "cert.pem", "key": tmp_path / "key.pem",
+             "client": tmp_path / "client.pem"}
+    paths["client"].write_bytes(client_cert.public_bytes(serialization.Encoding.PEM) + client_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     paths["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     paths["key"].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
@@ -143,6 +178,35 @@ def test_secure_channels_follow_need_secured_to_the_tls_port(tls_server):
     with pytest.raises(LinkRefused) as info:  # plain port only: refused
         TestClient("127.0.0.1", server.port).connect()
     assert info.value.error == LinkError.NEED_SECURED
+
+
+def test_tls_ca_requires_a_client_certificate_it_signed(tmp_path):
+    paths = make_ca_and_cert(tmp_path)
+    (tmp_path / "other").mkdir()
+    other = make_ca_and_cert(tmp_path / "other")
+    server = spicestream.Server(port=0, width=64, height=64, tls_port=0, tls_cert=str(paths["cert"]),
+                                tls_key=str(paths["key"]), tls_ca=str(paths["ca"]), secure_channels="all").start()
+    try:
+        signed = ssl.create_default_context(cafile=str(paths["ca"]))
+        signed.load_cert_chain(str(paths["client"]))
+        with TestClient("127.0.0.1", server.port, tls_port=server.tls_port, tls=signed) as client:
+            client.wait_for(lambda c: c.frame is not None)
+            assert client.secured_channels == {Ch.MAIN, Ch.DISPLAY, Ch.INPUTS, Ch.CURSOR}
+        for client_cert in (None, other["client"]):  # none, or one from another CA
+            context = ssl.create_default_context(cafile=str(paths["ca"]))
+            if client_cert is not None:
+                context.load_cert_chain(str(client_cert))
+            try:  # TLS 1.3 reports the refusal on the first read: an alert, or the close
+                with socket.create_connection(("127.0.0.1", server.tls_port), timeout=5) as raw:
+                    with context.wrap_socket(raw, server_hostname="localhost") as tls:
+                        tls.sendall(ClientLink(0, Ch.MAIN, 0).hello)
+                        answer = tls.recv(1)
+            except (ssl.SSLError, ConnectionError) as exc:
+                answer = exc
+            assert answer == b"" or isinstance(answer, Exception), (client_cert, answer)
+            assert server.sessions == 0
+    finally:
+        server.stop()
 
 
 def test_bad_tls_files_exit_with_status_2(tmp_path):
@@ -275,3 +339,233 @@ def test_oversized_and_amplifying_messages_close_only_their_connection():
         inputs.close()
         attacker.close()
         watcher.close()
+
+
+# -- connection caps ----------------------------------------------------------------------------
+def test_idle_connections_are_capped_per_address_and_in_all():
+    from attack import ServerProcess, closed_by_server, connect_from, linked
+
+    from spicestream.server.connection import MAX_UNLINKED, MAX_UNLINKED_PER_ADDRESS
+
+    with ServerProcess() as server:
+        before = server.rss_mib()
+        one = [connect_from("127.0.0.1", server.port) for _ in range(MAX_UNLINKED_PER_ADDRESS + 8)]
+        # The server refuses the ones over the per-address cap at once; the others stay open.
+        refused = [closed_by_server(s, 0.5 if i >= MAX_UNLINKED_PER_ADDRESS else 0.01) for i, s in enumerate(one)]
+        assert refused == [False] * MAX_UNLINKED_PER_ADDRESS + [True] * 8, refused
+        # Many addresses: the total cap.
+        many = []
+        for i in range(MAX_UNLINKED // MAX_UNLINKED_PER_ADDRESS + 1):
+            many += [connect_from(f"127.0.1.{i + 1}", server.port) for _ in range(MAX_UNLINKED_PER_ADDRESS)]
+        over = sum(closed_by_server(s, 0.05) for s in many)
+        assert over == len(many) + MAX_UNLINKED_PER_ADDRESS - MAX_UNLINKED, over
+        after = server.rss_mib()
+        print(f"\n{len(one) + len(many)} idle connections: server RSS {before:.0f} -> {after:.0f} MiB")
+        refusals = server.lines("refused:")
+        assert 1 <= len(refusals) <= 2, refusals  # one line per interval, not one per connection
+        for s in one + many:
+            s.close()
+        # Room again, once the idle ones are gone.
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                linked(server.port, Ch.MAIN, source="127.0.0.1").close()
+                break
+            except (ConnectionError, OSError):
+                time.sleep(0.1)
+        else:
+            raise AssertionError("no room after the idle connections closed")
+
+
+def test_out_of_fds_the_server_says_so_once_and_recovers():
+    """Under a 128-fd limit, 200 idle connections from many addresses exhaust the fds before
+    the caps do: the accept loop survives, logs one line (not a traceback per try), and
+    serves again once they are gone."""
+    from attack import ServerProcess, connect_from, linked
+
+    with ServerProcess(fd_limit=128) as server:
+        socks = []
+        for i in range(200):
+            try:
+                socks.append(connect_from(f"127.0.2.{i // 20 + 1}", server.port, timeout=2))
+            except OSError:
+                break
+        time.sleep(2.5)  # asyncio retries accepting every second
+        lines = server.lines("cannot accept connections")
+        assert 1 <= len(lines) <= 1, lines
+        assert not server.lines("Traceback"), server.log[-20:]
+        for s in socks:
+            s.close()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                linked(server.port, Ch.MAIN, source="127.0.0.1").close()
+                break
+            except (ConnectionError, OSError):
+                assert time.monotonic() < deadline, "the server did not serve again"
+                time.sleep(0.2)
+
+
+def test_a_session_has_one_channel_of_each_kind():
+    """Extra display channels joined to one session would each stream (the probe had 20-30
+    streaming into one session counted once against --max-clients): a second link of the same
+    channel replaces the first, so a session never has more than one of each."""
+    from attack import linked
+
+    server = spicestream.Server(port=0, width=64, height=64, max_clients=1).start()
+    try:
+        attacker = TestClient("127.0.0.1", server.port, channels=()).connect()  # main only
+        socks = [linked(server.port, channel, connection_id=attacker.session_id)
+                 for channel in (Ch.DISPLAY, Ch.INPUTS, Ch.CURSOR) for _ in range(10)]
+        deadline = time.monotonic() + 5
+        while len(server._core.connections) > 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        session = server._core.sessions[attacker.session_id]
+        kinds = sorted(h.conn.link.request.channel_type for h in session.channels)
+        assert kinds == [Ch.DISPLAY, Ch.INPUTS, Ch.CURSOR], kinds
+        assert len(server._core.display_channels) == 1
+        assert len(server._core.connections) == 4, len(server._core.connections)  # main + 3
+        for sock in socks:
+            sock.close()
+        attacker.close()
+    finally:
+        server.stop()
+
+
+def test_a_cursor_channel_that_is_not_read_keeps_only_the_newest_shape():
+    """The shape changes 100 times a second while the client never reads its cursor channel:
+    what waits for it stays bounded, and once it reads it ends with the newest shape."""
+    from attack import linked
+
+    from spicestream.protocol.channel import ChannelProtocol
+    from spicestream.protocol.messages import SERVER
+    from spicestream.server.connection import WRITE_HIGH_WATER
+
+    server = spicestream.Server(port=0, width=64, height=64).start()
+    try:
+        owner = TestClient("127.0.0.1", server.port, channels=()).connect()
+        sock = linked(server.port, Ch.CURSOR, connection_id=owner.session_id)
+        rng = np.random.default_rng(0)
+        conn = next(c for c in server._core.connections if c.handler in server._core.cursor_channels)
+        peak = 0
+        period, next_at = 0.01, time.monotonic()
+        for _ in range(300):  # 3 s of 128x128 shapes (64 KiB each): 19 MiB if all were kept
+            server.set_cursor(rng.integers(0, 256, (128, 128, 4), dtype=np.uint8))
+            peak = max(peak, conn.transport.get_write_buffer_size())
+            next_at += period
+            time.sleep(max(0.0, next_at - time.monotonic()))
+        print(f"\n300 cursor shapes, unread: at most {peak >> 10} KiB waiting")
+        assert peak <= WRITE_HIGH_WATER + (128 << 10), peak
+        server.stats()  # a round trip through the server loop: the last set_cursor has been applied
+        newest = server._core.cursor
+        # Now read (answering ACKs as spice-gtk does): the last shape to arrive is the newest.
+        proto = ChannelProtocol(Ch.CURSOR, True, side="client")
+        shapes = []
+        sock.settimeout(1.0)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not (shapes and shapes[-1] == newest):
+            try:
+                data = sock.recv(1 << 20)
+            except TimeoutError:
+                continue
+            assert data, "the server closed the cursor channel"
+            shapes += [m.cursor for m in proto.receive_data(data) if type(m) is SERVER.CURSOR_SET]
+            for part in proto.data_to_send():
+                sock.sendall(part)
+        assert shapes and shapes[-1] == newest
+        assert len(shapes) < 300, len(shapes)  # superseded shapes were dropped, not queued
+        sock.close()
+        owner.close()
+    finally:
+        server.stop()
+
+
+# -- the unix socket -----------------------------------------------------------------------------
+def test_unix_socket_is_private_and_a_live_one_is_never_taken_over(tmp_path):
+    import os
+    import stat as st
+
+    path = str(tmp_path / "spice.sock")
+    old_umask = os.umask(0)  # the worst case: everything the process creates is world-writable
+    try:
+        first = spicestream.Server(port=0, width=64, height=64, unix_path=path).start()
+    finally:
+        os.umask(old_umask)
+    try:
+        assert st.S_IMODE(os.stat(path).st_mode) == 0o600
+        inode = os.stat(path).st_ino
+        second = spicestream.Server(port=0, width=64, height=64, unix_path=path)
+        with pytest.raises(OSError, match="already listening"):
+            second.start()
+        assert os.stat(path).st_ino == inode  # untouched: the first server still owns it
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(path)
+            s.sendall(ClientLink(0, Ch.MAIN, 0).hello)
+            assert s.recv(4)[:4] == b"REDQ"  # the first server answers
+        group = spicestream.Server(port=0, width=64, height=64, unix_path=path + "2", unix_mode=0o660).start()
+        assert st.S_IMODE(os.stat(path + "2").st_mode) == 0o660
+        group.stop()
+        with pytest.raises(ValueError):
+            spicestream.Server(port=0, unix_path=path + "3", unix_mode=0o666)
+    finally:
+        first.stop()
+    assert not os.path.exists(path)
+    # A stale socket (its server died without cleaning up) is replaced.
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(path)
+    stale.close()
+    third = spicestream.Server(port=0, width=64, height=64, unix_path=path).start()
+    third.stop()
+
+
+def test_the_api_refuses_a_remote_listener_without_a_password():
+    with pytest.raises(ValueError, match="without a password"):
+        spicestream.Server(host="0.0.0.0", port=0)
+    spicestream.Server(host="0.0.0.0", port=0, password="p")  # fine
+    spicestream.Server(host="0.0.0.0", port=0, allow_unauthenticated_remote=True)  # said so
+    spicestream.Server(host="::1", port=0)  # loopback
+
+
+def answer_within(port: int, channel, password, wait: float, source: str, connection_id: int = 0):
+    """A guesser's try: link, send the ticket, wait at most `wait` s for the answer (None: gave up)."""
+    from attack import link_and_send_ticket
+
+    sock = link_and_send_ticket(port, channel, password, connection_id=connection_id, source=source)
+    sock.settimeout(wait)
+    try:
+        data = sock.recv(4)
+        return int.from_bytes(data, "little") if len(data) == 4 else None
+    except (TimeoutError, socket.timeout):
+        return None
+    finally:
+        sock.close()
+
+
+def test_a_guesser_that_gives_up_early_never_learns_the_password():
+    """The probe gave up on every answer after 150 ms and found the password at guess 401.
+    Now every answer to a penalised network waits, the right one too, whatever address of the
+    network asks; other networks are not slowed."""
+    server = spicestream.Server(port=0, width=64, height=64, password="right").start()
+    try:
+        guesses = [answer_within(server.port, Ch.MAIN, f"guess{i}", 0.15, "127.0.0.1")
+                   for i in range(FREE_FAILURES)]
+        assert guesses == [LinkError.PERMISSION_DENIED] * FREE_FAILURES  # free ones: answered at once
+        for source in ("127.0.0.1", "127.0.0.9"):  # same /24
+            assert answer_within(server.port, Ch.MAIN, "right", 0.15, source) is None
+        assert answer_within(server.port, Ch.MAIN, "right", 10, "127.0.1.1") == LinkError.OK
+    finally:
+        server.stop()
+
+
+def test_session_id_guessing_goes_through_the_same_brake():
+    server = spicestream.Server(port=0, width=64, height=64).start()  # no ticketing at all
+    try:
+        real = TestClient("127.0.0.1", server.port, channels=()).connect()
+        tries = [answer_within(server.port, Ch.DISPLAY, None, 5, "127.0.3.1", connection_id=real.session_id ^ (i + 1))
+                 for i in range(FREE_FAILURES)]
+        assert tries == [LinkError.BAD_CONNECTION_ID] * FREE_FAILURES
+        # Now even the right session id waits, from that network.
+        assert answer_within(server.port, Ch.DISPLAY, None, 0.15, "127.0.3.1", real.session_id) is None
+        real.close()
+    finally:
+        server.stop()

@@ -133,3 +133,44 @@ def test_allowed_origins_link():
         assert link_over_websocket(server.port, "null").startswith(b"HTTP/1.1 403")  # sandboxed iframes
     finally:
         server.stop()
+
+
+# -- HTTP on the SPICE port ---------------------------------------------------------------------
+def http_exchange(port: int, request: bytes) -> bytes:
+    """Send `request`, read until the server closes (it must, promptly)."""
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(request)
+        data = read_until(sock, lambda d: False, timeout=5)
+        sock.settimeout(0.5)
+        assert sock.recv(1) == b"", "the server left the connection open"
+        return data
+
+
+def test_hostile_http_requests_get_an_answer_and_a_close(caplog):
+    import logging
+
+    import pytest
+
+    from spicestream.server.web import SPICE_HTML5_ROOT
+
+    if not os.path.isdir(SPICE_HTML5_ROOT):
+        pytest.skip("needs Debian's spice-html5")
+    caplog.set_level(logging.INFO, logger="spicestream")
+    server = spicestream.Server(port=0, width=64, height=64, web=True).start()
+    try:
+        answer = http_exchange(server.port, b"GET /%00 HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 400"), answer[:60]
+        answer = http_exchange(server.port, b"GET /" + b"a" * 10_000 + b" HTTP/1.1\r\n")
+        assert answer.startswith(b"HTTP/1.1 414"), answer[:60]
+        answer = http_exchange(server.port, b"GET / HTTP/1.1\r\nX-Big: " + b"b" * 10_000 + b"\r\n")
+        assert answer.startswith(b"HTTP/1.1 431"), answer[:60]
+        many = b"".join(b"X-H%d: %s\r\n" % (i, b"c" * 1000) for i in range(20))
+        answer = http_exchange(server.port, b"GET / HTTP/1.1\r\n" + many)
+        assert answer.startswith(b"HTTP/1.1 431"), answer[:60]
+        page = http_exchange(server.port, b"GET /spice_auto.html HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = page.split(b"\r\n\r\n", 1)[0]
+        assert head.startswith(b"HTTP/1.1 200") and b"X-Frame-Options: DENY" in head
+        assert b"frame-ancestors 'none'" in head and b"X-Content-Type-Options: nosniff" in head
+        assert not [r for r in caplog.records if r.exc_info or "internal error" in r.getMessage()]
+    finally:
+        server.stop()

@@ -181,3 +181,27 @@ def test_view_only_ignores_input(tmp_path):
         assert s.server.on_key is None and s.server.on_pointer is None
     finally:
         s.close()
+
+
+def test_an_absurd_pointer_position_is_clamped_to_the_screen(served, caplog):
+    """MOUSE_POSITION with x = y = 0xFFFFFFFF (XTEST takes 16-bit coordinates): the pointer
+    goes to the bottom-right corner; nothing is logged as an error."""
+    import logging
+
+    from spicestream.protocol.constants import ChannelType as Ch
+    from spicestream.protocol.messages import CLIENT
+
+    caplog.set_level(logging.INFO, logger="spicestream")
+    with TestClient("127.0.0.1", served.server.port) as client:
+        client.wait_for(lambda c: c.frame is not None and c.frame.shape[:2] == (H, W), what="the desktop")
+        for x, y in ((0xFFFFFFFF, 0xFFFFFFFF), (70000, 5), (5, 70000)):
+            client.send(Ch.INPUTS, CLIENT.INPUTS_MOUSE_POSITION(x, y, 0, 0))
+            expect = (min(x, W - 1), min(y, H - 1))
+
+            def where():
+                out = served.x.run("xdotool", "getmouselocation")
+                fields = dict(f.split(":") for f in out.split())
+                return (int(fields["x"]), int(fields["y"])) == expect
+
+            xclient.wait_until(where, 10, 0.1, f"the pointer at {expect}")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], caplog.text

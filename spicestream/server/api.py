@@ -11,8 +11,12 @@ Callbacks run on the server's event-loop thread; keep them short.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import logging
 import os
+import secrets
+import socket
 import stat
 import threading
 import time
@@ -26,12 +30,64 @@ from ..video.factory import VideoCodecs
 from .connection import ChannelConnection
 from .core import ServerCore
 from .cursor import cursor_bytes
-from .security import parse_secure_channels, tls_context
+from .security import is_loopback, parse_secure_channels, tls_context
 from .web import WebRoot, normalise_origin
 
 log = logging.getLogger("spicestream.server")
 TICK_S = 0.05  # draw completions are promised within 1 s; this keeps them well inside
 STATS_LOG_S = 5.0
+
+
+def bind_unix_socket(path: str, mode: int) -> socket.socket:
+    """A listening unix socket at `path` with permissions `mode` from the start: it is bound
+    under a random name, chmod-ed, then renamed into place, so that it is never reachable with
+    the umask's permissions. A path where a server is still listening is refused (OSError); a
+    stale socket from an earlier run is replaced."""
+    if os.path.lexists(path):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise FileExistsError(errno.EEXIST, f"{path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            pass  # stale
+        else:
+            raise OSError(errno.EADDRINUSE, f"a server is already listening on {path}")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    temporary = f"{path}.{secrets.token_hex(8)}"
+    try:
+        sock.bind(temporary)
+        os.chmod(temporary, mode)
+        os.rename(temporary, path)
+        sock.listen(64)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    return sock
+
+
+def _quiet_accept_errors(default):
+    """Out of fds (EMFILE/ENFILE), asyncio pauses the listener a second and reports it with a
+    traceback every time: report it as one line per interval instead, and let everything else
+    through."""
+    last = [-1e9]
+
+    def handler(loop, context):
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+            now = time.monotonic()
+            if now - last[0] >= 10.0:
+                last[0] = now
+                log.error("cannot accept connections: %s (new clients wait until fds are free)", exc)
+            return
+        default(context)
+
+    return handler
 
 
 class Server:
@@ -42,13 +98,18 @@ class Server:
                  ticket_expiry: float | None = None, tls_port: int | None = None,
                  tls_cert: str | None = None, tls_key: str | None = None, tls_ca: str | None = None,
                  secure_channels: str | list[str] = (), web: bool | str = False,
-                 web_origins: list[str] = ()):
+                 web_origins: list[str] = (), allow_unauthenticated_remote: bool = False,
+                 unix_mode: int = 0o600):
         """`video_codecs`: "encoder:codec" entries separated by ";" (spice-server syntax),
         e.g. "gstreamer:h264;spice:mjpeg"; raises CodecListError for a bad list.
         `streaming_video`: "off", "all" or "filter" (spice-server's modes).
         `web`: serve spice-html5 and accept its WebSocket; `web_origins`: other pages that
         may open a WebSocket here ("https://portal.example"; ValueError for a bad one). With
-        neither, browsers cannot connect at all."""
+        neither, browsers cannot connect at all. Listening beyond loopback without a password
+        raises ValueError unless `allow_unauthenticated_remote` says it is meant."""
+        if password is None and not is_loopback(host) and not allow_unauthenticated_remote:
+            raise ValueError(f"refusing to serve {host} without a password: give one, or "
+                             "allow_unauthenticated_remote=True if anyone who can reach it may")
         if password is not None and len(password.encode()) > 60:
             raise ValueError("password longer than 60 bytes: SPICE clients refuse it")
         if streaming_video not in MODES:
@@ -56,6 +117,9 @@ class Server:
         self.host = host
         self.port = port
         self.unix_path = unix_path  # also listen here (local clients; GL scanout fds)
+        if unix_mode & ~0o660 or not unix_mode & 0o600 == 0o600:
+            raise ValueError(f"unix_mode {unix_mode:o}: the owner reads and writes, a group may, others never")
+        self.unix_mode = unix_mode  # 0600: only our user links without a password
         self.display = Display(width, height, streaming=streaming_video)
         codecs = None if streaming_video == "off" else VideoCodecs(video_codecs)
         self._core = ServerCore(self.display, None if password is None else password.encode(), name,
@@ -125,6 +189,9 @@ class Server:
     def set_ticket(self, password: str | None, expires_in: float | None = None) -> None:
         """Change the password clients must give (None: any client), optionally valid for
         `expires_in` seconds only. Clients already linked stay linked."""
+        if password is None and not is_loopback(host) and not allow_unauthenticated_remote:
+            raise ValueError(f"refusing to serve {host} without a password: give one, or "
+                             "allow_unauthenticated_remote=True if anyone who can reach it may")
         if password is not None and len(password.encode()) > 60:
             raise ValueError("password longer than 60 bytes: SPICE clients refuse it")
         self._core.tickets.set(None if password is None else password.encode(), expires_in)
@@ -145,6 +212,7 @@ class Server:
     async def serve(self) -> None:
         """Listen and serve until `stop()` is called (from any thread)."""
         loop = asyncio.get_running_loop()
+        loop.set_exception_handler(_quiet_accept_errors(loop.default_exception_handler))
         self._loop = loop
         self._loop_thread = threading.current_thread()
         self._stopping = asyncio.Event()
@@ -159,12 +227,12 @@ class Server:
             self.tls_port = tls.sockets[0].getsockname()[1]
             listeners.append(tls)
             log.info("listening with TLS on %s:%d", self.host, self.tls_port)
+        unix_inode = None
         if self.unix_path is not None:
-            if os.path.exists(self.unix_path) and stat.S_ISSOCK(os.stat(self.unix_path).st_mode):
-                os.unlink(self.unix_path)  # a stale socket from an earlier run
-            listeners.append(await loop.create_unix_server(lambda: ChannelConnection(self._core),
-                                                           self.unix_path))
-            log.info("listening on unix:%s", self.unix_path)
+            sock = bind_unix_socket(self.unix_path, self.unix_mode)
+            unix_inode = os.stat(self.unix_path).st_ino
+            listeners.append(await loop.create_unix_server(lambda: ChannelConnection(self._core), sock=sock))
+            log.info("listening on unix:%s (mode %o)", self.unix_path, self.unix_mode)
         if self._core.video_codecs is not None:
             # Probe encoders now, off the loop, so the first stream does not wait for it.
             loop.run_in_executor(None, lambda: self._core.video_codecs.probe)
@@ -179,8 +247,10 @@ class Server:
             self._core.disconnect_all("server stopping")
             for each in listeners:
                 await each.wait_closed()
-            if self.unix_path is not None and os.path.exists(self.unix_path):
-                os.unlink(self.unix_path)
+            if unix_inode is not None:
+                with contextlib.suppress(OSError):  # only ours: never a later server's socket
+                    if os.stat(self.unix_path).st_ino == unix_inode:
+                        os.unlink(self.unix_path)
             self.display.draws.flush()  # nothing will consume pending draws any more
             self.display.wake = lambda: None
             self._loop = None

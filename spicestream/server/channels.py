@@ -206,7 +206,12 @@ class InputsChannel(ChannelHandler):
         elif kind is CLIENT.INPUTS_KEY_MODIFIERS:
             self.modifiers = message.modifiers
         elif kind is CLIENT.INPUTS_MOUSE_POSITION:
-            self._pointer(message.x, message.y, message.buttons_state)
+            # Clamped to the surface like motion: x = 0xFFFFFFFF is no position, and the
+            # application (or XTEST's 16-bit coordinates) must never see it.
+            display = self.core.display
+            x = min(message.x, display.width - 1)
+            y = min(message.y, display.height - 1)
+            self._pointer(x, y, message.buttons_state)
         elif kind is CLIENT.INPUTS_MOUSE_MOTION:
             x, y, _ = self.session.pointer
             display = self.core.display
@@ -242,7 +247,18 @@ class CursorChannel(ChannelHandler):
                                           trail_frequency=0, visible=1,
                                           cursor=self.core.cursor or default_cursor()))
 
+    _pending: bytes | None = None
+
     def set_cursor(self, cursor: bytes) -> None:
+        # A shape supersedes the last: while the client is not reading (socket or ACK window
+        # full), keep only the newest and send it once there is room again.
+        self._pending = cursor
+        self.writable()
+
+    def writable(self) -> None:
+        if self._pending is None or not self.conn.can_send:
+            return
+        cursor, self._pending = self._pending, None
         self.conn.send(SERVER.CURSOR_SET(position=Point16(0, 0), visible=1, cursor=cursor))
         self.conn.flush()
 

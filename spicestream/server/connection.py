@@ -26,6 +26,56 @@ log = logging.getLogger("spicestream.connection")
 WRITE_HIGH_WATER = 4 << 20  # bytes buffered in the transport before we stop producing
 WRITE_LOW_WATER = 1 << 20
 LINK_TIMEOUT_S = 30.0  # a peer that never finishes the link stage is dropped
+# Connections that have not linked yet cost an fd each and are free to open: cap them, in all
+# and per address, well below the usual 1024-fd limit (linked ones are bounded by
+# --max-clients sessions of a few channels each).
+MAX_UNLINKED = 256
+MAX_UNLINKED_PER_ADDRESS = 64  # a client links 4-6 channels at once; a NAT has several clients
+REFUSAL_LOG_INTERVAL_S = 10.0
+
+
+class UnlinkedConnections:
+    """Counts connections that have not linked, in all and by address, and refuses more than
+    the caps; refusals are logged at most once per interval, with how many there were."""
+
+    def __init__(self, max_total: int = MAX_UNLINKED, max_per_address: int = MAX_UNLINKED_PER_ADDRESS):
+        self.max_total, self.max_per_address = max_total, max_per_address
+        self._by_address: dict[str, set] = {}
+        self._total = 0
+        self._refused = 0
+        self._last_log = -1e9
+
+    def admit(self, address: str, conn) -> str | None:
+        held = self._by_address.get(address, ())
+        if self._total >= self.max_total:
+            return f"{self._total} connections have not linked yet"
+        if len(held) >= self.max_per_address:
+            return f"{len(held)} connections from {address} have not linked yet"
+        self._by_address.setdefault(address, set()).add(conn)
+        self._total += 1
+        return None
+
+    def release(self, conn) -> None:
+        held = self._by_address.get(conn.address)
+        if held is not None and conn in held:
+            held.discard(conn)
+            self._total -= 1
+            if not held:
+                del self._by_address[conn.address]
+
+    def log_refusal(self, peer: str, reason: str, now: float | None = None) -> None:
+        import time
+
+        now = time.monotonic() if now is None else now
+        self._refused += 1
+        if now - self._last_log >= REFUSAL_LOG_INTERVAL_S:
+            log.warning("%s: refused: %s (%d refused in the last %.0f s)", peer, reason, self._refused,
+                        REFUSAL_LOG_INTERVAL_S)
+            self._last_log, self._refused = now, 0
+
+    @property
+    def total(self) -> int:
+        return self._total
 
 
 class ChannelConnection(asyncio.Protocol):
@@ -59,6 +109,12 @@ class ChannelConnection(asyncio.Protocol):
         # Keep the kernel's unsent backlog small: what waits, waits in our buffer, where rate
         # control sees it and frames can still be skipped.
         tcpinfo.limit_unsent(transport.get_extra_info("socket"))
+        refusal = self.core.unlinked.admit(self.address, self)
+        if refusal is not None:
+            self.closed = True
+            transport.abort()  # no lingering: the fd is what is scarce
+            self.core.unlinked.log_refusal(self.peer, refusal)
+            return
         self._link_timer = asyncio.get_running_loop().call_later(
             LINK_TIMEOUT_S, self.abort, "link stage timed out")
         self.core.connections.add(self)
@@ -103,8 +159,16 @@ class ChannelConnection(asyncio.Protocol):
         self._http.receive_data(data)
         events = self._http.events_received()
         if not events:
-            if self._http_bytes > web.MAX_REQUEST_BYTES:
-                self.abort("HTTP request too large")
+            if self._http.handshake_exc is not None:
+                # The parser refused the request (a line too long: 414/431, or malformed: 400)
+                # and queued its answer: send it and close, rather than wait for the timeout.
+                for chunk in self._http.data_to_send():
+                    if chunk:
+                        self.transport.write(chunk)
+                self.abort(f"bad HTTP request: {self._http.handshake_exc}", logging.INFO)
+            elif self._http_bytes > web.MAX_REQUEST_BYTES:
+                self.transport.write(web.too_large_response())
+                self.abort("HTTP request too large", logging.INFO)
             return
         request, ws = events[0], self._http
         self._http = None
@@ -146,6 +210,7 @@ class ChannelConnection(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.closed = True
+        self.core.unlinked.release(self)
         if self._link_timer:
             self._link_timer.cancel()
         self.core.connections.discard(self)
@@ -185,24 +250,38 @@ class ChannelConnection(asyncio.Protocol):
                 # Nothing more is read until the ticket is answered (which may be held back
                 # for a guesser): an unauthenticated peer cannot make us buffer its stream.
                 self.transport.pause_reading()
-                error, session, reason = self.core.authenticate(event.password, self.link.request, self)
-                if error == LinkError.PERMISSION_DENIED:
-                    # An address that keeps guessing waits longer and longer for its answer.
-                    delay = self.core.tickets.failed(self.address)
-                    if delay > 0:
-                        asyncio.get_running_loop().call_later(delay, self._refuse, error, reason)
-                        return
-                if error != LinkError.OK:
-                    self._refuse(error, reason)
-                    return
-                self.link.finish(error)
                 self._write_link()
-                self._start_channel(session)
+                # A network that keeps guessing waits longer and longer for every answer, right
+                # or wrong: the decision itself is held back (tickets.py).
+                delay = self.core.tickets.delay(self.address)
+                if self.core.is_guess(event.password, self.link.request):
+                    # Counted now: a guesser that gives up before the answer still pays.
+                    self.core.tickets.failed(self.address)
+                if delay > 0:
+                    asyncio.get_running_loop().call_later(delay, self._answer_ticket, event.password)
+                else:
+                    self._answer_ticket(event.password)
+                return
             elif isinstance(event, LinkFailed):
                 self._write_link()
                 self.abort(f"bad link: {event.reason}")
                 return
         self._write_link()
+
+    def _answer_ticket(self, password: bytes | None) -> None:
+        if self.closed:
+            return
+        try:
+            error, session, reason = self.core.authenticate(password, self.link.request, self)
+            if error != LinkError.OK:
+                self._refuse(error, reason)
+                return
+            self.link.finish(error)
+            self._write_link()
+            self._start_channel(session)
+        except Exception:  # a handler bug must not take the server down; log it loudly
+            log.exception("%s: error answering a ticket", self.peer)
+            self.abort("internal error")
 
     def _refuse(self, error: LinkError, reason: str) -> None:
         if self.closed:
@@ -219,6 +298,7 @@ class ChannelConnection(asyncio.Protocol):
     def _start_channel(self, session) -> None:
         if self._link_timer:
             self._link_timer.cancel()
+        self.core.unlinked.release(self)
         if self.ws is not None:
             self.ws.linked()
         request = self.link.request

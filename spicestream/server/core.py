@@ -18,6 +18,7 @@ from ..protocol.constants import ChannelType, DisplayCap, InputsCap, LinkError, 
 from ..protocol.link import LinkRequested
 from ..protocol.messages import SERVER
 from .channels import CursorChannel, DisplayChannel, InputsChannel, MainChannel
+from .connection import UnlinkedConnections
 from .sharing import EncoderRegistry
 from .tickets import Tickets
 
@@ -68,6 +69,7 @@ class ServerCore:
         self.uuid = uuidlib.uuid4().bytes
         self.sessions: dict[int, Session] = {}
         self.connections: set = set()
+        self.unlinked = UnlinkedConnections()
         self.display_channels: set[DisplayChannel] = set()
         self.cursor_channels: set[CursorChannel] = set()
         self.cursor: bytes | None = None  # the current shape (None: the default arrow)
@@ -103,12 +105,18 @@ class ServerCore:
             return LinkError.NEED_SECURED
         return LinkError.OK
 
+    def is_guess(self, password: bytes | None, request: LinkRequested) -> bool:
+        """A wrong ticket, or a session id that does not exist (what a guesser of either
+        presents): counted by the brake (tickets.py) alike."""
+        if self.tickets.check(password) is not None:
+            return True
+        return request.channel_type != ChannelType.MAIN and request.connection_id not in self.sessions
+
     def authenticate(self, password: bytes | None, request: LinkRequested, conn):
         """Returns (link error, session, reason); the connection logs the refusal once."""
         refused = self.tickets.check(password)
         if refused is not None:
             return LinkError.PERMISSION_DENIED, None, refused
-        self.tickets.succeeded(conn.address)
         if request.channel_type == ChannelType.MAIN:
             if len(self.sessions) >= self.max_clients:
                 return LinkError.ERROR, None, f"already {len(self.sessions)} clients (--max-clients)"
@@ -117,17 +125,37 @@ class ServerCore:
                 session_id = secrets.randbits(32) or 1
             session = Session(session_id)
             self.sessions[session_id] = session
+            self._passed(conn)
             return LinkError.OK, session, ""
         session = self.sessions.get(request.connection_id)
         if session is None:
             return LinkError.BAD_CONNECTION_ID, None, f"unknown session id {request.connection_id:08x}"
+        self._passed(conn)
         return LinkError.OK, session, ""
+
+    def _passed(self, conn) -> None:
+        # Only a verified password clears a network's failures: without ticketing anyone can
+        # link a main channel, and that must not wipe a session-id guesser's record.
+        if self.tickets.password is not None:
+            self.tickets.succeeded(conn.address)
+
+    @staticmethod
+    def _channel_key(handler) -> tuple[int, int]:
+        request = handler.conn.link.request
+        return request.channel_type, request.channel_id
 
     def make_handler(self, request: LinkRequested, session: Session, conn):
         handler = HANDLERS[ChannelType(request.channel_type)](self, session, conn, request)
         if isinstance(handler, MainChannel):
             session.main = handler
         else:
+            # One channel of each kind per session: a second link of the same channel replaces
+            # the first (a client re-linking after a network hiccup), so extra display channels
+            # can never stream into a session counted once against --max-clients.
+            key = self._channel_key(handler)
+            for other in [c for c in session.channels if self._channel_key(c) == key]:
+                other.conn.abort("replaced by a new link of the same channel", logging.INFO)
+                session.channels.discard(other)
             session.channels.add(handler)
         return handler
 

@@ -1,7 +1,9 @@
-"""TLS listener settings and the channels that must use it (spice-server's secure-channels)."""
+"""TLS listener settings, the channels that must use it (spice-server's secure-channels), and
+what counts as a local address."""
 
 from __future__ import annotations
 
+import ipaddress
 import ssl
 
 from ..protocol.constants import ChannelType
@@ -30,7 +32,19 @@ def tls_context(cert: str | None, key: str | None, ca: str | None = None) -> ssl
             context.load_verify_locations(ca)
         except (OSError, ssl.SSLError) as exc:
             raise TLSConfigError(f"cannot use CA file {ca}: {exc}") from None
+        # A CA given means: only clients with a certificate it signed get in (the handshake
+        # fails for the others, before any SPICE byte is read).
+        context.verify_mode = ssl.CERT_REQUIRED
     return context
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def parse_secure_channels(value) -> set[int]:

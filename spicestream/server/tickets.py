@@ -1,18 +1,37 @@
 """The ticket (password) clients must present, when it expires, and a brake on guessing.
 
-Tickets are compared in constant time. Every failed attempt is logged by the connection with
-the peer's address; an address that keeps failing waits longer and longer for its answer
-(the link result is held back), which makes guessing slow without blocking anyone else.
+Tickets are compared in constant time. Every failed attempt (a wrong ticket, or an unknown
+session id) is logged by the connection with the peer's address. A network that keeps failing
+waits longer and longer for every answer, right or wrong (the link result is held back), and
+many failures a second from anywhere slow every answer down: guessing becomes slow without
+blocking anyone else for long.
 """
 
 from __future__ import annotations
 
+import collections
 import hmac
+import ipaddress
 import time
 
-FREE_FAILURES = 3  # failures per address before answers are held back
+FREE_FAILURES = 3  # failures per network before answers are held back
 MAX_DELAY_S = 5.0
-FORGET_AFTER_S = 300.0  # an address quiet for this long starts over
+FORGET_AFTER_S = 300.0  # a network quiet for this long starts over
+GLOBAL_FAILURES_PER_S = 10  # beyond this many failures a second from anywhere, every answer waits
+GLOBAL_DELAY_S = 1.0
+
+
+def network_of(address: str) -> str:
+    """The unit a guesser is counted by: its /24 (IPv4) or /64 (IPv6), so that hopping to
+    another address of the same network does not start over. Non-IP peers (unix) are one."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    prefix = 24 if ip.version == 4 else 64
+    return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
 
 
 class Tickets:
@@ -20,14 +39,16 @@ class Tickets:
         self.password: bytes | None = None
         self.expires_at: float | None = None
         self.set(password, expires_in)
-        self._failures: dict[str, tuple[int, float]] = {}  # address -> (count, last failure)
+        self._failures: dict[str, tuple[int, float]] = {}  # network -> (count, last failure)
+        self._recent: collections.deque = collections.deque()  # times of failures, any network
 
-    def set(self, password: bytes | None, expires_in: float | None = None) -> None:
+    def set(self, password: bytes | None, expires_in: float | None = None, now: float | None = None) -> None:
         """None disables ticketing (any client may link)."""
         if expires_in is not None and expires_in <= 0:
             raise ValueError("expires_in must be positive")
+        now = time.monotonic() if now is None else now
         self.password = password
-        self.expires_at = None if expires_in is None else time.monotonic() + expires_in
+        self.expires_at = None if expires_in is None else now + expires_in
 
     def check(self, presented: bytes | None, now: float | None = None) -> str | None:
         """None if `presented` may link, else why not. `presented` is None when the ticket
@@ -43,19 +64,32 @@ class Tickets:
             return "ticket expired"
         return None
 
-    def failed(self, address: str, now: float | None = None) -> float:
-        """Record a failure from `address`; returns how long to hold back its answer."""
+    def delay(self, address: str, now: float | None = None) -> float:
+        """How long to hold back the next answer to `address`, right or wrong. A network under
+        penalty waits for every answer: a guesser that gives up early must never learn that
+        a guess was right sooner than that a guess was wrong."""
         now = time.monotonic() if now is None else now
         self._forget_old(now)
-        count, _ = self._failures.get(address, (0, now))
-        count += 1
-        self._failures[address] = (count, now)
-        if count <= FREE_FAILURES:
-            return 0.0
-        return min(MAX_DELAY_S, 0.25 * 2 ** (count - FREE_FAILURES - 1))
+        count, _ = self._failures.get(network_of(address), (0, now))
+        own = 0.0 if count < FREE_FAILURES else min(MAX_DELAY_S, 0.25 * 2 ** (count - FREE_FAILURES))
+        while self._recent and now - self._recent[0] > 1.0:
+            self._recent.popleft()
+        busy = GLOBAL_DELAY_S if len(self._recent) >= GLOBAL_FAILURES_PER_S else 0.0
+        return max(own, busy)
+
+    def failed(self, address: str, now: float | None = None) -> float:
+        """Record a failure (a wrong ticket, an unknown session id) from `address`; returns how
+        long to hold back its answer."""
+        now = time.monotonic() if now is None else now
+        delay = self.delay(address, now)
+        network = network_of(address)
+        count, _ = self._failures.get(network, (0, now))
+        self._failures[network] = (count + 1, now)
+        self._recent.append(now)
+        return delay
 
     def succeeded(self, address: str) -> None:
-        self._failures.pop(address, None)
+        self._failures.pop(network_of(address), None)
 
     def _forget_old(self, now: float) -> None:
         if len(self._failures) > 1000 or any(now - t > FORGET_AFTER_S for _, t in self._failures.values()):

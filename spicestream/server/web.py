@@ -41,7 +41,10 @@ class WebRoot:
             host = host_header.rsplit(":", 1)[0].strip("[]") or "127.0.0.1"
             query = urllib.parse.urlencode({"host": host, "port": port})
             return _response(302, "Found", b"", {"Location": f"/spice_auto.html?{query}"})
-        target = os.path.realpath(os.path.join(self.root, urllib.parse.unquote(url.path).lstrip("/")))
+        relative = urllib.parse.unquote(url.path).lstrip("/")
+        if "\x00" in relative:  # no file name holds one; realpath() would raise
+            return _response(400, "Bad Request", b"bad path\n", {"Content-Type": "text/plain"})
+        target = os.path.realpath(os.path.join(self.root, relative))
         if not target.startswith(self.root + os.sep) or not os.path.isfile(target):
             return _response(404, "Not Found", b"not found\n", {"Content-Type": "text/plain"})
         with open(target, "rb") as f:
@@ -94,8 +97,19 @@ def websocket_refusal(headers, served_web: bool, allowed_origins: frozenset[str]
     return f"Origin {origin!r} is not allowed (--web-origin)"
 
 
+# Our pages may not be framed by another site (clickjacking the viewer) nor sniffed as
+# another type.
+SAFETY_HEADERS = {"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'",
+                  "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
+
+
+def too_large_response() -> bytes:
+    return (b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Length: 0\r\n"
+            b"Connection: close\r\n\r\n")
+
+
 def _response(status: int, reason: str, body: bytes, headers: dict) -> Response:
-    h = Headers(headers)
+    h = Headers({**SAFETY_HEADERS, **headers})
     h["Content-Length"] = str(len(body))
     h["Connection"] = "close"
     return Response(status, reason, h, body)
