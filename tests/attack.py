@@ -4,6 +4,7 @@ its RSS is read from /proc and printed by the tests. Also raw link steps for att
 from __future__ import annotations
 
 import json
+import select
 import socket
 import subprocess
 import sys
@@ -128,11 +129,26 @@ def linked(port: int, channel_type: int, password: str | None = None, connection
 
 
 def closed_by_server(sock: socket.socket, wait: float) -> bool:
-    """True if the server closed (or reset) this connection within `wait` seconds."""
-    sock.settimeout(wait)
-    try:
-        return sock.recv(1) == b""
-    except (TimeoutError, socket.timeout):
+    """True if the server closed (or reset) this connection within `wait` seconds (0: now)."""
+    readable, _, _ = select.select([sock], [], [], max(0.0, wait))
+    if not readable:
         return False
-    except OSError:
+    try:
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except OSError:  # reset
         return True
+
+
+def count_closed(socks: list[socket.socket], expect: int, timeout: float = 10.0) -> int:
+    """How many of `socks` the server closed, polling until `expect` are (or the timeout),
+    then a little longer to see that no more follow."""
+    def closed_now() -> int:
+        return sum(closed_by_server(s, 0) for s in socks)
+
+    deadline = time.monotonic() + timeout
+    count = closed_now()
+    while count < expect and time.monotonic() < deadline:
+        time.sleep(0.05)
+        count = closed_now()
+    time.sleep(0.2)
+    return closed_now()

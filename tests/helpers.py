@@ -16,6 +16,19 @@ def same_picture(a, b):
     return a is not None and b is not None and a.shape == b.shape and (a[..., :3] == b[..., :3]).all()
 
 
+_networks = iter(range(1 << 30))
+
+
+def fresh_source() -> str:
+    """A loopback address in a /24 no other test peer used (127.10.0.1, 127.10.1.1, ...).
+
+    Tests that open many links, or send wrong tickets on purpose, come each from a network of
+    their own: the server limits link hellos per network and holds back answers to a network
+    that keeps failing (the guessing brake), which is not what those tests are about."""
+    n = next(_networks)
+    return f"127.{10 + (n // 250) % 240}.{n % 250}.1"
+
+
 class Background:
     """Runs `self.run()` on a daemon thread between `with` and its end; `run` loops until
     `self.stop` is set. Subclasses call `super().__init__()` and define `run`."""

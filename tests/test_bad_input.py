@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 import spicestream
+from helpers import fresh_source
 from spicestream.protocol.channel import ChannelProtocol
 from spicestream.protocol.constants import (
     MAGIC,
@@ -133,17 +134,12 @@ def assert_one_close_line(caplog, peer: str, reason: str) -> None:
 
 
 # -- a raw peer -----------------------------------------------------------------------------------
-_networks = itertools.count()
-
-
 class Peer:
     def __init__(self, port: int):
         # Each peer from a /24 of its own: these tests send wrong tickets and unknown session
         # ids by the dozen, and the guessing brake (tickets.py) would hold back the answers to
         # one network that keeps failing, which is not what they test.
-        n = next(_networks)
-        source = f"127.{10 + (n // 250) % 240}.{n % 250 + 1}.1"
-        self.sock = socket.create_connection((HOST, port), timeout=TIMEOUT, source_address=(source, 0))
+        self.sock = socket.create_connection((HOST, port), timeout=TIMEOUT, source_address=(fresh_source(), 0))
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         host, port = self.sock.getsockname()[:2]
         self.name = f"{host}:{port}"

@@ -125,3 +125,16 @@ def test_codecs_command_prints_table():
     assert lines[0].split() == ["codec", "encoder", "element", "hardware", "usable", "reason"]
     assert any(line.split()[:2] == ["mjpeg", "spice"] for line in lines[1:])
     assert any("nvh264enc" in line and " true " in line for line in lines[1:])
+
+
+def test_codec_switches_are_paced_with_an_injected_clock():
+    from spicestream.video.codec_list import CODEC_SWITCH_INTERVAL_S, SwitchPacer
+
+    pacer = SwitchPacer()
+    assert pacer.request(now=10.0)  # the first switch: at once
+    for i in range(1, 40):  # 20 changes a second for two seconds: none made at once
+        assert not pacer.request(now=10.0 + i * 0.05) and pacer.pending
+        if 10.0 + i * 0.05 < 10.0 + CODEC_SWITCH_INTERVAL_S:
+            assert not pacer.due(now=10.0 + i * 0.05)
+    assert pacer.due(now=10.0 + CODEC_SWITCH_INTERVAL_S)  # one, once the interval is over
+    assert not pacer.pending and not pacer.due(now=100.0)

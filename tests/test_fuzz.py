@@ -34,6 +34,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import spicestream
+from helpers import fresh_source
 import spicestream.protocol.link as link_mod
 from spicestream.protocol.channel import ChannelProtocol
 from spicestream.protocol.constants import MAGIC, ChannelType, CommonCap, LinkError
@@ -575,7 +576,8 @@ def check_link_response(data: bytes, response: bytes) -> LinkError | None:
 
 async def _send_link_case(port: int, data: bytes, sem: asyncio.Semaphore, results: list) -> None:
     async with sem:
-        reader, writer = await asyncio.open_connection(HOST, port)
+        # Each from a network of its own: 3000 hellos from one would meet the hello limit.
+        reader, writer = await asyncio.open_connection(HOST, port, local_addr=(fresh_source(), 0))
         try:
             name = "{}:{}".format(*writer.get_extra_info("sockname")[:2])
             writer.write(data)  # one write: bytes the server never reads would provoke a RST
@@ -670,7 +672,7 @@ class FuzzChannel:
 
 
 async def open_channel(port: int, channel_type: int, connection_id: int, mini: bool):
-    reader, writer = await asyncio.open_connection(HOST, port)
+    reader, writer = await asyncio.open_connection(HOST, port, local_addr=(fresh_source(), 0))
     common = (CommonCap.PROTOCOL_AUTH_SELECTION,) + ((CommonCap.MINI_HEADER,) if mini else ())
     writer.write(ClientLink(connection_id, channel_type, 0, (), common).hello)
     header = await reader.readexactly(LINK_HEADER.size)

@@ -286,3 +286,39 @@ def test_pipeline_error_rebuilds_once_then_switches_codec(make_server):
             time.sleep(1 / 30)
         assert [m.codec_type for m in created(client)] == [Codec.H264, Codec.VP8]
         assert server.stats()["clients"][0]["streams"]["failed_codecs"] == ["gstreamer:h264"]
+
+
+def test_codec_preference_churn_rebuilds_the_encoder_at_most_once_per_interval(make_server):
+    """A client flipping its preferred codec 20 times a second: the server switches at once,
+    then at most once per interval, ending on what the client prefers last."""
+    from spicestream.video.codec_list import CODEC_SWITCH_INTERVAL_S
+
+    server = make_server("gstreamer:h264;gstreamer:vp8;spice:mjpeg")
+    with TestClient("127.0.0.1", server.port, display_caps=ALL_CODECS) as client:
+        client.wait_for(lambda c: c.marked)
+        k = play_until_stream(server, client)
+        before = len(created(client))
+        started = time.monotonic()
+        flips = 0
+        next_at = started
+        while time.monotonic() - started < 3.0:  # paced by deadline: a frame and a flip per tick
+            prefer = (Codec.VP8, Codec.H264) if flips % 2 == 0 else (Codec.H264, Codec.VP8)
+            client.send(Ch.DISPLAY, CLIENT.DISPLAY_PREFERRED_VIDEO_CODEC_TYPE(prefer))
+            flips += 1
+            server.display.update(moving_picture(k), damage=[REGION])
+            k += 1
+            next_at += 0.05
+            time.sleep(max(0.0, next_at - time.monotonic()))
+        elapsed = time.monotonic() - started
+        # Then hold the last preference until the pending switch is made.
+        deadline = time.monotonic() + CODEC_SWITCH_INTERVAL_S * 3
+        last = Codec.H264 if (flips - 1) % 2 else Codec.VP8
+        while created(client)[-1].codec_type != last and time.monotonic() < deadline:
+            server.display.update(moving_picture(k), damage=[REGION])
+            k += 1
+            time.sleep(1 / 30)
+        switches = len(created(client)) - before
+        assert flips >= 40
+        # One at once, then one per interval at most (the count of intervals that started).
+        assert 1 <= switches <= 2 + int((time.monotonic() - started) / CODEC_SWITCH_INTERVAL_S), (switches, elapsed)
+        assert created(client)[-1].codec_type == last

@@ -174,3 +174,24 @@ def test_hostile_http_requests_get_an_answer_and_a_close(caplog):
         assert not [r for r in caplog.records if r.exc_info or "internal error" in r.getMessage()]
     finally:
         server.stop()
+
+
+def test_dns_rebinding_against_a_password_less_server_is_refused():
+    """A page at http://rebound.example:PORT whose name the attacker re-pointed to 127.0.0.1
+    is same-origin with itself: without a password only loopback names count as ours."""
+    server = spicestream.Server(port=0, width=64, height=64, web=True).start()
+    protected = spicestream.Server(port=0, width=64, height=64, web=True, password="p").start()
+    try:
+        for srv, allowed in ((server, False), (protected, True)):
+            origin = f"http://rebound.example:{srv.port}"
+            key = base64.b64encode(os.urandom(16)).decode()
+            request = (f"GET / HTTP/1.1\r\nHost: rebound.example:{srv.port}\r\nUpgrade: websocket\r\n"
+                       f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                       f"Sec-WebSocket-Protocol: binary\r\nOrigin: {origin}\r\n\r\n").encode()
+            with socket.create_connection(("127.0.0.1", srv.port)) as sock:
+                sock.sendall(request)
+                answer = read_until(sock, lambda d: b"\r\n\r\n" in d)
+            assert answer.startswith(b"HTTP/1.1 101" if allowed else b"HTTP/1.1 403"), (allowed, answer[:40])
+    finally:
+        server.stop()
+        protected.stop()

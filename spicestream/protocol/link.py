@@ -87,6 +87,11 @@ def encrypt_ticket(public_der: bytes, password: bytes) -> bytes:
     return key.encrypt(password + b"\x00", OAEP)
 
 
+def new_link_key() -> rsa.RSAPrivateKey:
+    """A fresh RSA-1024 key, as spice-server makes one per link (~10 ms of CPU)."""
+    return rsa.generate_private_key(public_exponent=65537, key_size=1024)
+
+
 class ServerLink:
     def __init__(self):
         self._state = _State.HEADER
@@ -180,10 +185,11 @@ class ServerLink:
         body = LINK_REPLY.pack(error, pub, len(common), len(channel), LINK_REPLY.size) + caps
         self._out += LINK_HEADER.pack(MAGIC, MAJOR_VERSION, MINOR_VERSION, len(body)) + body
 
-    def accept(self, channel_caps=()) -> None:
-        """Answer the link message with a fresh RSA-1024 key and our caps."""
+    def accept(self, channel_caps=(), key: rsa.RSAPrivateKey | None = None) -> None:
+        """Answer the link message with a fresh RSA-1024 key (`key`, made ahead of need by the
+        caller; else generated here) and our caps."""
         assert self._state is _State.DECIDING
-        self._key = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+        self._key = key if key is not None else new_link_key()
         pub = self._key.public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         )

@@ -194,6 +194,7 @@ class Direction:
         return type_id, b"".join(parts)
 
     def layout(self, channel: int, type_id: int) -> Layout | None:
+        """The declaration of this message type on this channel; None if we know none."""
         layout = self._by_key.get((None, type_id)) if type_id < 100 else None
         if layout is None:
             try:
@@ -219,15 +220,8 @@ class Direction:
         Raises ProtocolError when a known type's body is truncated. Trailing bytes are
         tolerated (spice-html5 sends an 11-byte MOUSE_MOTION, brief §9).
         """
-        layout = self._by_key.get((None, type_id)) if type_id < 100 else None
-        if layout is None:
-            try:
-                layout = self._by_key.get((Ch(channel), type_id))
-            except ValueError:
-                return None
-        if layout is None:
-            return None
-        return layout.unpack(body)
+        layout = self.layout(channel, type_id)
+        return None if layout is None else layout.unpack(body)
 
 
 SERVER = Direction(SERVER_TABLE)

@@ -214,6 +214,7 @@ class Server:
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(_quiet_accept_errors(loop.default_exception_handler))
         self._loop = loop
+        self._core.link_keys.start(loop)
         self._loop_thread = threading.current_thread()
         self._stopping = asyncio.Event()
         self.display.wake = self._wake
@@ -251,6 +252,7 @@ class Server:
                 with contextlib.suppress(OSError):  # only ours: never a later server's socket
                     if os.stat(self.unix_path).st_ino == unix_inode:
                         os.unlink(self.unix_path)
+            self._core.link_keys.close()
             self.display.draws.flush()  # nothing will consume pending draws any more
             self.display.wake = lambda: None
             self._loop = None

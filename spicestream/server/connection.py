@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from typing import TYPE_CHECKING
 
 from ..protocol.channel import ChannelProtocol
@@ -64,8 +65,6 @@ class UnlinkedConnections:
                 del self._by_address[conn.address]
 
     def log_refusal(self, peer: str, reason: str, now: float | None = None) -> None:
-        import time
-
         now = time.monotonic() if now is None else now
         self._refused += 1
         if now - self._last_log >= REFUSAL_LOG_INTERVAL_S:
@@ -175,7 +174,8 @@ class ChannelConnection(asyncio.Protocol):
         raw = self.transport
         if web.is_upgrade(request):
             refusal = web.websocket_refusal(request.headers, self.core.web is not None,
-                                            self.core.web_origins, self.secure)
+                                            self.core.web_origins, self.secure,
+                                            password_set=self.core.tickets.password is not None)
             if refusal is not None:
                 ws.send_response(ws.reject(403, "WebSocket refused\n"))
                 for chunk in ws.data_to_send():
@@ -237,13 +237,24 @@ class ChannelConnection(asyncio.Protocol):
         while events:
             event = events.pop(0)
             if isinstance(event, LinkRequested):
+                if not self.core.hellos.allow(self.address, time.monotonic()):
+                    self.closed = True  # quietly: the refusals are counted, logged once a while
+                    self.transport.abort()
+                    self.core.unlinked.log_refusal(self.peer, "too many link hellos from its network")
+                    return
                 error = self.core.check_link(event, self)
                 if error != LinkError.OK:
                     self.link.reject(error)
                     self._write_link()
                     self.abort(f"link refused: {error.name}")
                     return
-                self.link.accept(self.core.channel_caps(event.channel_type))
+                key = self.core.link_keys.take()
+                if key is None:  # none ready: wait for the worker, reading nothing meanwhile
+                    self.transport.pause_reading()
+                    self.core.link_keys.wait().add_done_callback(
+                        lambda future, event=event: self._key_ready(future, event))
+                    return
+                self.link.accept(self.core.channel_caps(event.channel_type), key)
                 # A client may send its auth word and ticket without waiting for our reply.
                 events += self.link.receive_data(b"")
             elif isinstance(event, TicketReceived):
@@ -267,6 +278,19 @@ class ChannelConnection(asyncio.Protocol):
                 self.abort(f"bad link: {event.reason}")
                 return
         self._write_link()
+
+    def _key_ready(self, future, event: LinkRequested) -> None:
+        if self.closed or future.cancelled():
+            return
+        try:
+            self.link.accept(self.core.channel_caps(event.channel_type), future.result())
+            self.transport.resume_reading()  # a pipelined ticket pauses it again
+            self._receive_link(b"")
+        except ProtocolError as exc:
+            self.abort(f"protocol error: {exc}")
+        except Exception:  # a handler bug must not take the server down; log it loudly
+            log.exception("%s: error answering a link", self.peer)
+            self.abort("internal error")
 
     def _answer_ticket(self, password: bytes | None) -> None:
         if self.closed:

@@ -19,6 +19,7 @@ from ..protocol.link import LinkRequested
 from ..protocol.messages import SERVER
 from .channels import CursorChannel, DisplayChannel, InputsChannel, MainChannel
 from .connection import UnlinkedConnections
+from .linkkeys import HelloLimiter, LinkKeys
 from .sharing import EncoderRegistry
 from .tickets import Tickets
 
@@ -70,6 +71,8 @@ class ServerCore:
         self.sessions: dict[int, Session] = {}
         self.connections: set = set()
         self.unlinked = UnlinkedConnections()
+        self.link_keys = LinkKeys()  # started with the loop (Server.serve)
+        self.hellos = HelloLimiter()
         self.display_channels: set[DisplayChannel] = set()
         self.cursor_channels: set[CursorChannel] = set()
         self.cursor: bytes | None = None  # the current shape (None: the default arrow)

@@ -23,7 +23,7 @@ from ..display.streams import StreamRegion
 from ..protocol.constants import DisplayCap, has_cap
 from ..protocol.messages import SERVER, Rect
 from ..video.codec import Codec
-from ..video.codec_list import CodecEntry
+from ..video.codec_list import CodecEntry, SwitchPacer
 from ..video.encoder import EncodedFrame, EncoderError, VideoEncoder
 from ..video.mjpeg import QUALITY_STEPS
 from ..video.ratecontrol import RateController
@@ -85,6 +85,7 @@ class StreamSender:
         self.last_rate: RateController | None = None  # of the previous stream, to start from
         self._loop = asyncio.get_running_loop()
         self.history: list[dict] = []  # ended streams' stats, newest last
+        self.switches = SwitchPacer()  # codec switches asked for by the client
 
     # -- lifecycle -------------------------------------------------------------------------
     def sync(self) -> None:
@@ -300,7 +301,14 @@ class StreamSender:
 
     # -- rate control ------------------------------------------------------------------------
     def control_tick(self, now: float) -> None:
-        """Periodic (server tick): sample the transport, retune the encoder."""
+        """Periodic (server tick): sample the transport, retune the encoder, make a codec
+        switch that had to wait."""
+        if self.switches.pending:
+            if not self._wants_switch():
+                self.switches.pending = False  # the client came back to what it has
+            elif self.switches.due(now):
+                self.end(lossless=False)
+                self.channel.writable()
         stream = self.active
         if stream is None or self.conn.closed:
             return
@@ -401,13 +409,16 @@ class StreamSender:
                                  message.last_frame_delay):
             self._apply_rate(stream)
 
-    def set_preferred(self, codecs: list[int]) -> None:
+    def set_preferred(self, codecs: list[int], now: float | None = None) -> None:
         self.preferred = list(codecs)
-        if self.active is not None:
-            wanted = self.codecs.choose(self.caps, self.preferred, self.failed)
-            if wanted != self.active.entry:
-                self.end(lossless=False)  # restart with the newly preferred codec
+        now = time.monotonic() if now is None else now
+        if self._wants_switch() and self.switches.request(now):
+            self.end(lossless=False)  # restart with the newly preferred codec
         self.channel.writable()
+
+    def _wants_switch(self) -> bool:
+        return (self.active is not None
+                and self.codecs.choose(self.caps, self.preferred, self.failed) != self.active.entry)
 
     # -- stats ---------------------------------------------------------------------------------
     def _stats_of(self, stream: ActiveStream) -> dict:

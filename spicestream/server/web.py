@@ -17,6 +17,8 @@ from websockets.http11 import Response
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
+from .security import is_loopback
+
 SPICE_HTML5_ROOT = "/usr/share/spice-html5"
 MAX_REQUEST_BYTES = 16 << 10
 MAX_MESSAGE_BYTES = 16 << 20  # once linked
@@ -66,7 +68,8 @@ def normalise_origin(origin: str) -> str:
     return f"{url.scheme}://{host}" + (f":{port}" if port not in (None, default) else "")
 
 
-def websocket_refusal(headers, served_web: bool, allowed_origins: frozenset[str], secure: bool) -> str | None:
+def websocket_refusal(headers, served_web: bool, allowed_origins: frozenset[str], secure: bool,
+                      password_set: bool = True) -> str | None:
     """Why a WebSocket upgrade is refused, or None to accept it.
 
     A browser says where the page that opens the WebSocket came from (Origin), and sends
@@ -93,7 +96,12 @@ def websocket_refusal(headers, served_web: bool, allowed_origins: frozenset[str]
         except ValueError:
             own = None
         if origin == own:
-            return None
+            # Without a password only a loopback name counts as our own: a page whose DNS name
+            # an attacker re-pointed at 127.0.0.1 (DNS rebinding) is "same origin" too.
+            host = urllib.parse.urlsplit(own).hostname or ""
+            if password_set or is_loopback(host):
+                return None
+            return f"Origin {origin!r}: a name, not a loopback address, for a server without a password"
     return f"Origin {origin!r} is not allowed (--web-origin)"
 
 

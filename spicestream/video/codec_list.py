@@ -70,3 +70,33 @@ def choose_codec(entries: list[CodecEntry], display_caps, usable: set[CodecEntry
         if entry in usable and entry not in failed and client_decodes(display_caps, entry.codec):
             return entry
     return None
+
+
+CODEC_SWITCH_INTERVAL_S = 2.0
+
+
+class SwitchPacer:
+    """At most one codec switch per interval. Each switch rebuilds an encoder (tens of ms of
+    CPU, a key frame on the wire): a client that changes its preferred codec many times a
+    second must not make us do that every time. A switch asked for too soon is remembered and
+    made once the interval has passed, for whatever the client prefers by then."""
+
+    def __init__(self, interval: float = CODEC_SWITCH_INTERVAL_S):
+        self.interval = interval
+        self.pending = False
+        self._last = float("-inf")
+
+    def request(self, now: float) -> bool:
+        """A switch is wanted: True to make it now, False if it waits (see `due`)."""
+        if now - self._last >= self.interval:
+            self._last, self.pending = now, False
+            return True
+        self.pending = True
+        return False
+
+    def due(self, now: float) -> bool:
+        """Called periodically: True when a waiting switch may be made now."""
+        if self.pending and now - self._last >= self.interval:
+            self._last, self.pending = now, False
+            return True
+        return False
