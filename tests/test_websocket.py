@@ -8,6 +8,8 @@ import time
 from websockets.frames import Frame, Opcode
 
 import spicestream
+
+import xclient
 from spicestream.protocol.constants import ChannelType, LinkError
 from spicestream.protocol.link import LINK_HEADER, ClientLink
 
@@ -195,3 +197,35 @@ def test_dns_rebinding_against_a_password_less_server_is_refused():
     finally:
         server.stop()
         protected.stop()
+
+
+def test_big_websocket_frames_before_login_close_the_connection():
+    """Ten connections each upgrade and start a 16 MiB frame before linking: each is closed at
+    the frame's header (pre-login frames are small), and the server's memory stays flat."""
+    import struct
+
+    from attack import ServerProcess, push
+
+    with ServerProcess(web_origins=[PORTAL]) as server:
+        before = server.rss_mib()
+        socks = []
+        for _ in range(10):
+            sock = socket.create_connection(("127.0.0.1", server.port))
+            sock.sendall(upgrade_request(server.port))
+            assert read_until(sock, lambda d: b"\r\n\r\n" in d).startswith(b"HTTP/1.1 101")
+            # A masked binary frame announcing 16 MiB (64-bit length), then its start.
+            sock.sendall(bytes([0x82, 0x80 | 127]) + struct.pack(">Q", 16 << 20) + os.urandom(4))
+            push(sock, 4 << 20, seconds=0.3)
+            socks.append(sock)
+        after = server.rss_mib()
+        closed = 0
+        for sock in socks:
+            data = read_until(sock, lambda d: False, timeout=3)  # to the server's close
+            closed += data[:1] == b"\x88" or data == b""
+            sock.close()
+        print(f"\n10 pre-login 16 MiB frames: server RSS {before:.0f} -> {after:.0f} MiB")
+        assert closed == 10
+        assert after - before < 16, f"server RSS grew {after - before:.0f} MiB"
+        xclient.wait_until(lambda: len(server.lines("closing connection")) >= 10, 5, 0.05, "ten log lines")
+        closes = server.lines("closing connection")
+        assert len(closes) == 10 and all("1009" in line for line in closes), closes  # message too big

@@ -130,8 +130,8 @@ class ChannelConnection(asyncio.Protocol):
             if self.ws is not None:
                 for payload in self.ws.receive(data):
                     self._receive_spice(payload)
-                if not self.ws.open:  # the browser closed the WebSocket
-                    self.abort("WebSocket closed by the client", logging.INFO)
+                if not self.ws.open:
+                    self.abort(self.ws.closing_reason(), logging.INFO)
                 return
             self._receive_spice(data)
         except ProtocolError as exc:

@@ -146,6 +146,14 @@ class WebSocketTransport:
         # protocol reads this limit for every frame, before it buffers the frame's payload.)
         self.ws.max_message_size = MAX_PRELOGIN_MESSAGE_BYTES
 
+    def closing_reason(self) -> str:
+        """Why the WebSocket is no longer open: the client closed it, or we did (a frame too
+        big, a protocol error)."""
+        sent, received = self.ws.close_sent, self.ws.close_rcvd
+        if received is None and sent is not None:
+            return f"WebSocket closed: {sent.code} {sent.reason}".rstrip()
+        return "WebSocket closed by the client"
+
     def linked(self) -> None:
         self.ws.max_message_size = MAX_MESSAGE_BYTES
 
