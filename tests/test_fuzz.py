@@ -741,7 +741,9 @@ async def verify(server, ch: FuzzChannel) -> None:
     def processed():
         conn = server_connections(server).get(ch.name)
         assert conn is not None, f"{ch.name} was closed but its stream was not fatal"
-        return conn.proto.messages_in == ch.expected_in
+        # The server writes the link result, then starts the channel (on its own thread): the
+        # client can be here in between.
+        return conn.proto is not None and conn.proto.messages_in == ch.expected_in
 
     await until(processed, 10, f"{ch.name} to process {ch.expected_in} messages")
     assert not ch.eof.done()
