@@ -127,3 +127,11 @@ def test_sub_message_list():
     assert MessageReader(False).feed(frame) == subs + [(102, bytes(body))]
     with pytest.raises(ProtocolError):
         split_sub_messages(bytes(body[:-2]), list_at)
+
+
+def test_every_client_message_has_a_body_limit():
+    """Variable-sized client messages need an explicit limit (CLIENT_BODY_LIMITS); a new one
+    added to the table without it fails here, not on a client's first message."""
+    for layout in CLIENT.layouts():
+        limit = CLIENT.body_limit(layout.type.channel or 1, layout.type.type_id)
+        assert 0 < limit <= 64 << 10, (layout.name, limit)

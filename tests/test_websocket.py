@@ -209,12 +209,18 @@ def test_big_websocket_frames_before_login_close_the_connection():
     with ServerProcess(web_origins=[PORTAL]) as server:
         before = server.rss_mib()
         socks = []
-        for _ in range(10):
+        frame_head = bytes([0x82, 0x80 | 127]) + struct.pack(">Q", 16 << 20) + os.urandom(4)
+        for i in range(10):
             sock = socket.create_connection(("127.0.0.1", server.port))
-            sock.sendall(upgrade_request(server.port))
-            assert read_until(sock, lambda d: b"\r\n\r\n" in d).startswith(b"HTTP/1.1 101")
-            # A masked binary frame announcing 16 MiB (64-bit length), then its start.
-            sock.sendall(bytes([0x82, 0x80 | 127]) + struct.pack(">Q", 16 << 20) + os.urandom(4))
+            # A masked binary frame announcing 16 MiB (64-bit length), then its start: half of
+            # them in the same segment as the upgrade request (parsed before any upgrade code
+            # of ours runs), half after the 101.
+            if i % 2:
+                sock.sendall(upgrade_request(server.port) + frame_head)
+            else:
+                sock.sendall(upgrade_request(server.port))
+                assert read_until(sock, lambda d: b"\r\n\r\n" in d).startswith(b"HTTP/1.1 101")
+                sock.sendall(frame_head)
             push(sock, 4 << 20, seconds=0.3)
             socks.append(sock)
         after = server.rss_mib()
@@ -228,4 +234,34 @@ def test_big_websocket_frames_before_login_close_the_connection():
         assert after - before < 16, f"server RSS grew {after - before:.0f} MiB"
         xclient.wait_until(lambda: len(server.lines("closing connection")) >= 10, 5, 0.05, "ten log lines")
         closes = server.lines("closing connection")
-        assert len(closes) == 10 and all("1009" in line for line in closes), closes  # message too big
+        # Message too big: 1009 once upgraded, or refused with the upgrade itself.
+        assert len(closes) == 10 and all("1009" in line or "too big" in line for line in closes), closes
+
+
+def test_a_peer_that_never_reads_is_cut_off_after_the_close_grace():
+    """Closing waits for queued bytes to leave; a peer that never reads them (a tiny receive
+    window) must not hold its connection, and its unlinked slot, forever."""
+    import pytest
+
+    from spicestream.server.connection import ABORT_GRACE_S
+    from spicestream.server.web import SPICE_HTML5_ROOT
+
+    if not os.path.isdir(SPICE_HTML5_ROOT):
+        pytest.skip("needs Debian's spice-html5")
+    server = spicestream.Server(port=0, width=64, height=64, web=True).start()
+    try:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+        sock.connect(("127.0.0.1", server.port))
+        big = max((os.path.join(dp, f) for dp, _, fs in os.walk(SPICE_HTML5_ROOT) for f in fs),
+                  key=os.path.getsize)
+        path = "/" + os.path.relpath(big, SPICE_HTML5_ROOT)
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())  # and never read
+        started = time.monotonic()
+        xclient.wait_until(lambda: not server._core.connections, ABORT_GRACE_S * 3, 0.1,
+                           "the server to cut the connection off")
+        print(f"\n{os.path.getsize(big)} bytes unread: cut off after {time.monotonic() - started:.1f} s")
+        assert server._core.unlinked.total == 0
+        sock.close()
+    finally:
+        server.stop()

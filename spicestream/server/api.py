@@ -47,6 +47,7 @@ def bind_unix_socket(path: str, mode: int) -> socket.socket:
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             raise FileExistsError(errno.EEXIST, f"{path} exists and is not a socket")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(2.0)
         try:
             probe.connect(path)
         except (ConnectionRefusedError, FileNotFoundError):
@@ -56,7 +57,8 @@ def bind_unix_socket(path: str, mode: int) -> socket.socket:
         finally:
             probe.close()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    temporary = f"{path}.{secrets.token_hex(8)}"
+    # A short name beside it: unix socket paths are limited to ~107 bytes.
+    temporary = os.path.join(os.path.dirname(path), f".{secrets.token_hex(4)}")
     try:
         sock.bind(temporary)
         os.chmod(temporary, mode)
@@ -71,21 +73,31 @@ def bind_unix_socket(path: str, mode: int) -> socket.socket:
     return sock
 
 
-def _quiet_accept_errors(default):
+def _probe_done(future) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("probing encoders at start failed (%s); streams probe again when they start",
+                    future.exception())
+
+
+def _quiet_accept_errors(previous):
     """Out of fds (EMFILE/ENFILE), asyncio pauses the listener a second and reports it with a
-    traceback every time: report it as one line per interval instead, and let everything else
-    through."""
+    traceback every time: report it as one line per interval instead, and pass everything else
+    to the handler that was there before."""
     last = [-1e9]
 
     def handler(loop, context):
         exc = context.get("exception")
-        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+        if (str(context.get("message", "")).startswith("socket.accept() out of system resource")
+                and isinstance(exc, OSError)):
             now = time.monotonic()
             if now - last[0] >= 10.0:
                 last[0] = now
                 log.error("cannot accept connections: %s (new clients wait until fds are free)", exc)
             return
-        default(context)
+        if previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
 
     return handler
 
@@ -115,6 +127,7 @@ class Server:
         if streaming_video not in MODES:
             raise ValueError(f"streaming_video must be one of {', '.join(MODES)}")
         self.host = host
+        self.allow_unauthenticated_remote = allow_unauthenticated_remote
         self.port = port
         self.unix_path = unix_path  # also listen here (local clients; GL scanout fds)
         if unix_mode & ~0o660 or not unix_mode & 0o600 == 0o600:
@@ -188,9 +201,10 @@ class Server:
 
     def set_ticket(self, password: str | None, expires_in: float | None = None) -> None:
         """Change the password clients must give (None: any client), optionally valid for
-        `expires_in` seconds only. Clients already linked stay linked."""
-        if password is None and not is_loopback(host) and not allow_unauthenticated_remote:
-            raise ValueError(f"refusing to serve {host} without a password: give one, or "
+        `expires_in` seconds only. Clients already linked stay linked. Dropping the password
+        on a server reachable beyond loopback needs `allow_unauthenticated_remote` (ValueError)."""
+        if password is None and not is_loopback(self.host) and not self.allow_unauthenticated_remote:
+            raise ValueError(f"refusing to serve {self.host} without a password: give one, or "
                              "allow_unauthenticated_remote=True if anyone who can reach it may")
         if password is not None and len(password.encode()) > 60:
             raise ValueError("password longer than 60 bytes: SPICE clients refuse it")
@@ -212,7 +226,7 @@ class Server:
     async def serve(self) -> None:
         """Listen and serve until `stop()` is called (from any thread)."""
         loop = asyncio.get_running_loop()
-        loop.set_exception_handler(_quiet_accept_errors(loop.default_exception_handler))
+        loop.set_exception_handler(_quiet_accept_errors(loop.get_exception_handler()))
         self._loop = loop
         self._core.link_keys.start(loop)
         self._loop_thread = threading.current_thread()
@@ -223,8 +237,10 @@ class Server:
         log.info("listening on %s:%d", self.host, self.port)
         listeners = [listener]
         if self._tls is not None:
+            # Handshakes are not yet connections (nothing counts them against the caps): give
+            # them 10 s rather than asyncio's 60.
             tls = await loop.create_server(lambda: ChannelConnection(self._core), self.host,
-                                           self.tls_port, ssl=self._tls)
+                                           self.tls_port, ssl=self._tls, ssl_handshake_timeout=10.0)
             self.tls_port = tls.sockets[0].getsockname()[1]
             listeners.append(tls)
             log.info("listening with TLS on %s:%d", self.host, self.tls_port)
@@ -236,7 +252,7 @@ class Server:
             log.info("listening on unix:%s (mode %o)", self.unix_path, self.unix_mode)
         if self._core.video_codecs is not None:
             # Probe encoders now, off the loop, so the first stream does not wait for it.
-            loop.run_in_executor(None, lambda: self._core.video_codecs.probe)
+            loop.run_in_executor(None, lambda: self._core.video_codecs.probe).add_done_callback(_probe_done)
         ticker = loop.create_task(self._tick())
         self._ready.set()
         try:

@@ -17,6 +17,7 @@ from ..protocol.channel import ChannelProtocol
 from ..protocol.constants import ChannelType, LinkError
 from ..protocol.link import LinkFailed, LinkRequested, ServerLink, TicketReceived
 from ..protocol.wire import ProtocolError
+from .tickets import MAX_HELD_PER_NETWORK, network_of
 from . import tcpinfo, web
 
 if TYPE_CHECKING:
@@ -27,11 +28,12 @@ log = logging.getLogger("spicestream.connection")
 WRITE_HIGH_WATER = 4 << 20  # bytes buffered in the transport before we stop producing
 WRITE_LOW_WATER = 1 << 20
 LINK_TIMEOUT_S = 30.0  # a peer that never finishes the link stage is dropped
+ABORT_GRACE_S = 5.0  # a closing connection's queued bytes get this long to leave
 # Connections that have not linked yet cost an fd each and are free to open: cap them, in all
-# and per address, well below the usual 1024-fd limit (linked ones are bounded by
+# and per network (/24, /56), well below the usual 1024-fd limit (linked ones are bounded by
 # --max-clients sessions of a few channels each).
 MAX_UNLINKED = 256
-MAX_UNLINKED_PER_ADDRESS = 64  # a client links 4-6 channels at once; a NAT has several clients
+MAX_UNLINKED_PER_NETWORK = 64  # a client links 4-6 channels at once; a NAT has several clients
 REFUSAL_LOG_INTERVAL_S = 10.0
 
 
@@ -39,30 +41,32 @@ class UnlinkedConnections:
     """Counts connections that have not linked, in all and by address, and refuses more than
     the caps; refusals are logged at most once per interval, with how many there were."""
 
-    def __init__(self, max_total: int = MAX_UNLINKED, max_per_address: int = MAX_UNLINKED_PER_ADDRESS):
-        self.max_total, self.max_per_address = max_total, max_per_address
+    def __init__(self, max_total: int = MAX_UNLINKED, max_per_network: int = MAX_UNLINKED_PER_NETWORK):
+        self.max_total, self.max_per_network = max_total, max_per_network
         self._by_address: dict[str, set] = {}
         self._total = 0
         self._refused = 0
         self._last_log = -1e9
 
     def admit(self, address: str, conn) -> str | None:
-        held = self._by_address.get(address, ())
+        network = network_of(address)  # an IPv6 peer has a whole /64 of addresses
+        held = self._by_address.get(network, ())
         if self._total >= self.max_total:
             return f"{self._total} connections have not linked yet"
-        if len(held) >= self.max_per_address:
-            return f"{len(held)} connections from {address} have not linked yet"
-        self._by_address.setdefault(address, set()).add(conn)
+        if len(held) >= self.max_per_network:
+            return f"{len(held)} connections from {network} have not linked yet"
+        self._by_address.setdefault(network, set()).add(conn)
         self._total += 1
         return None
 
     def release(self, conn) -> None:
-        held = self._by_address.get(conn.address)
+        network = network_of(conn.address)
+        held = self._by_address.get(network)
         if held is not None and conn in held:
             held.discard(conn)
             self._total -= 1
             if not held:
-                del self._by_address[conn.address]
+                del self._by_address[network]
 
     def log_refusal(self, peer: str, reason: str, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
@@ -94,6 +98,9 @@ class ChannelConnection(asyncio.Protocol):
         self.paused = False
         self.closed = False
         self._link_timer: asyncio.TimerHandle | None = None
+        self._lost = False  # connection_lost came
+        self._held = False  # an answer to our ticket is being held back (tickets.hold)
+        self._key_wait: asyncio.Future | None = None  # waiting for an RSA key (linkkeys.py)
 
     # -- asyncio callbacks --------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -193,9 +200,14 @@ class ChannelConnection(asyncio.Protocol):
             self.ws = web.WebSocketTransport(raw, ws)
             self.ws.flush()
             self.transport = self.ws
+            if raw.is_closing():  # the parser refused a frame that came with the request
+                self.abort("WebSocket frame refused before the upgrade completed (too big)", logging.INFO)
+                return
             # Frames that came in the same read as the request were parsed with it.
             for payload in web.data_payloads(events[1:]):
                 self._receive_spice(payload)
+            if not self.ws.open:  # one of them was refused (too big, malformed)
+                self.abort(self.ws.closing_reason(), logging.INFO)
             return
         if self.core.web is None:
             response = ws.reject(404, "This SPICE server has no web client (start it with --web)\n")
@@ -210,6 +222,10 @@ class ChannelConnection(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.closed = True
+        self._lost = True
+        self._release_hold()
+        if self._key_wait is not None:
+            self._key_wait.cancel()  # its key goes to the next hello, not to a dead one
         self.core.unlinked.release(self)
         if self._link_timer:
             self._link_timer.cancel()
@@ -251,8 +267,8 @@ class ChannelConnection(asyncio.Protocol):
                 key = self.core.link_keys.take()
                 if key is None:  # none ready: wait for the worker, reading nothing meanwhile
                     self.transport.pause_reading()
-                    self.core.link_keys.wait().add_done_callback(
-                        lambda future, event=event: self._key_ready(future, event))
+                    self._key_wait = self.core.link_keys.wait()
+                    self._key_wait.add_done_callback(lambda future, event=event: self._key_ready(future, event))
                     return
                 self.link.accept(self.core.channel_caps(event.channel_type), key)
                 # A client may send its auth word and ticket without waiting for our reply.
@@ -264,11 +280,21 @@ class ChannelConnection(asyncio.Protocol):
                 self._write_link()
                 # A network that keeps guessing waits longer and longer for every answer, right
                 # or wrong: the decision itself is held back (tickets.py).
-                delay = self.core.tickets.delay(self.address)
+                tickets = self.core.tickets
+                delay = tickets.delay(self.address)
+                if delay > 0 and tickets.waiting(self.address) >= MAX_HELD_PER_NETWORK:
+                    # Under penalty one answer at a time per network: guesses sent in parallel
+                    # would otherwise each wait their delay side by side.
+                    self.closed = True
+                    self.transport.abort()
+                    self.core.unlinked.log_refusal(self.peer, "a ticket from its network is already waiting")
+                    return
                 if self.core.is_guess(event.password, self.link.request):
                     # Counted now: a guesser that gives up before the answer still pays.
-                    self.core.tickets.failed(self.address)
+                    tickets.failed(self.address)
                 if delay > 0:
+                    tickets.hold(self.address)
+                    self._held = True
                     asyncio.get_running_loop().call_later(delay, self._answer_ticket, event.password)
                 else:
                     self._answer_ticket(event.password)
@@ -280,6 +306,7 @@ class ChannelConnection(asyncio.Protocol):
         self._write_link()
 
     def _key_ready(self, future, event: LinkRequested) -> None:
+        self._key_wait = None
         if self.closed or future.cancelled():
             return
         try:
@@ -292,7 +319,13 @@ class ChannelConnection(asyncio.Protocol):
             log.exception("%s: error answering a link", self.peer)
             self.abort("internal error")
 
+    def _release_hold(self) -> None:
+        if self._held:
+            self._held = False
+            self.core.tickets.release(self.address)
+
     def _answer_ticket(self, password: bytes | None) -> None:
+        self._release_hold()
         if self.closed:
             return
         try:
@@ -303,6 +336,8 @@ class ChannelConnection(asyncio.Protocol):
             self.link.finish(error)
             self._write_link()
             self._start_channel(session)
+        except ProtocolError as exc:  # bytes that came with the ticket
+            self.abort(f"protocol error: {exc}")
         except Exception:  # a handler bug must not take the server down; log it loudly
             log.exception("%s: error answering a ticket", self.peer)
             self.abort("internal error")
@@ -361,10 +396,17 @@ class ChannelConnection(asyncio.Protocol):
         return not self.closed and not self.paused and self.proto.can_send
 
     def abort(self, reason: str, level: int = logging.WARNING) -> None:
-        """Close this connection (after writing what is queued), with one log line."""
+        """Close this connection (after writing what is queued), with one log line. A peer
+        that does not read what is queued is cut off after ABORT_GRACE_S: a close that waits
+        for it would hold the connection (and whatever it holds) forever."""
         if self.closed:
             return
         log.log(level, "%s: closing connection: %s", self.peer, reason)
         self.closed = True
         if self.transport is not None:
             self.transport.close()
+            asyncio.get_running_loop().call_later(ABORT_GRACE_S, self._cut_off)
+
+    def _cut_off(self) -> None:
+        if not self._lost and self.transport is not None:
+            self.transport.abort()

@@ -19,10 +19,12 @@ MAX_DELAY_S = 5.0
 FORGET_AFTER_S = 300.0  # a network quiet for this long starts over
 GLOBAL_FAILURES_PER_S = 10  # beyond this many failures a second from anywhere, every answer waits
 GLOBAL_DELAY_S = 1.0
+MAX_HELD_PER_NETWORK = 1  # under penalty, one answer at a time: parallel guesses do not add up
+FORGET_SWEEP_S = 10.0
 
 
 def network_of(address: str) -> str:
-    """The unit a guesser is counted by: its /24 (IPv4) or /64 (IPv6), so that hopping to
+    """The unit a guesser is counted by: its /24 (IPv4) or /56 (IPv6), so that hopping to
     another address of the same network does not start over. Non-IP peers (unix) are one."""
     try:
         ip = ipaddress.ip_address(address)
@@ -30,7 +32,7 @@ def network_of(address: str) -> str:
         return address
     if ip.version == 6 and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    prefix = 24 if ip.version == 4 else 64
+    prefix = 24 if ip.version == 4 else 56  # a customer's IPv6 allocation is usually a /56 or /48
     return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
 
 
@@ -41,6 +43,8 @@ class Tickets:
         self.set(password, expires_in)
         self._failures: dict[str, tuple[int, float]] = {}  # network -> (count, last failure)
         self._recent: collections.deque = collections.deque()  # times of failures, any network
+        self._held: dict[str, int] = {}  # network -> answers being held back
+        self._next_sweep = float("-inf")
 
     def set(self, password: bytes | None, expires_in: float | None = None, now: float | None = None) -> None:
         """None disables ticketing (any client may link)."""
@@ -71,7 +75,8 @@ class Tickets:
         now = time.monotonic() if now is None else now
         self._forget_old(now)
         count, _ = self._failures.get(network_of(address), (0, now))
-        own = 0.0 if count < FREE_FAILURES else min(MAX_DELAY_S, 0.25 * 2 ** (count - FREE_FAILURES))
+        own = 0.0 if count < FREE_FAILURES else 0.25 * 2 ** min(count - FREE_FAILURES, 5)
+        own = min(MAX_DELAY_S, own)
         while self._recent and now - self._recent[0] > 1.0:
             self._recent.popleft()
         busy = GLOBAL_DELAY_S if len(self._recent) >= GLOBAL_FAILURES_PER_S else 0.0
@@ -91,6 +96,25 @@ class Tickets:
     def succeeded(self, address: str) -> None:
         self._failures.pop(network_of(address), None)
 
+    def waiting(self, address: str) -> int:
+        """Answers held back for `address`'s network right now (see `hold`/`release`)."""
+        return self._held.get(network_of(address), 0)
+
+    def hold(self, address: str) -> None:
+        network = network_of(address)
+        self._held[network] = self._held.get(network, 0) + 1
+
+    def release(self, address: str) -> None:
+        network = network_of(address)
+        left = self._held.get(network, 0) - 1
+        if left > 0:
+            self._held[network] = left
+        else:
+            self._held.pop(network, None)
+
     def _forget_old(self, now: float) -> None:
-        if len(self._failures) > 1000 or any(now - t > FORGET_AFTER_S for _, t in self._failures.values()):
-            self._failures = {a: (c, t) for a, (c, t) in self._failures.items() if now - t <= FORGET_AFTER_S}
+        # At most one sweep per FORGET_SWEEP_S, so that many networks do not cost a scan per answer.
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + FORGET_SWEEP_S
+        self._failures = {a: (c, t) for a, (c, t) in self._failures.items() if now - t <= FORGET_AFTER_S}

@@ -7,6 +7,7 @@ a WebSocket look like the asyncio transport the channel connection already write
 
 from __future__ import annotations
 
+import ipaddress
 import mimetypes
 import os
 import urllib.parse
@@ -99,9 +100,9 @@ def websocket_refusal(headers, served_web: bool, allowed_origins: frozenset[str]
             # Without a password only a loopback name counts as our own: a page whose DNS name
             # an attacker re-pointed at 127.0.0.1 (DNS rebinding) is "same origin" too.
             host = urllib.parse.urlsplit(own).hostname or ""
-            if password_set or is_loopback(host):
+            if password_set or is_loopback(host) or _is_ip_literal(host):  # an IP cannot be re-pointed
                 return None
-            return f"Origin {origin!r}: a name, not a loopback address, for a server without a password"
+            return f"Origin {origin!r}: a DNS name, not an address, for a server without a password"
     return f"Origin {origin!r} is not allowed (--web-origin)"
 
 
@@ -116,6 +117,14 @@ def too_large_response() -> bytes:
             b"Connection: close\r\n\r\n")
 
 
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
 def _response(status: int, reason: str, body: bytes, headers: dict) -> Response:
     h = Headers({**SAFETY_HEADERS, **headers})
     h["Content-Length"] = str(len(body))
@@ -124,8 +133,16 @@ def _response(status: int, reason: str, body: bytes, headers: dict) -> Response:
 
 
 def new_protocol() -> ServerProtocol:
-    # spice-html5 asks for the "binary" subprotocol; spice-server refuses any other.
-    return ServerProtocol(subprotocols=["binary"], max_size=MAX_MESSAGE_BYTES)
+    # spice-html5 asks for the "binary" subprotocol; spice-server refuses any other. Frames
+    # are small until the SPICE link completes (`WebSocketTransport.linked`): the parser goes
+    # from the request straight into the first frame, which must not be a 16 MiB one.
+    return ServerProtocol(subprotocols=["binary"], max_size=MAX_PRELOGIN_MESSAGE_BYTES)
+
+
+def _set_max_message(ws: ServerProtocol, size: int) -> None:
+    if not hasattr(ws, "max_message_size"):  # the name websockets has used since 15.0
+        raise RuntimeError("websockets too old: no per-frame message limit to set")
+    ws.max_message_size = size
 
 
 def is_upgrade(request) -> bool:
@@ -144,7 +161,7 @@ class WebSocketTransport:
         self.raw, self.ws = raw, ws
         # An unauthenticated peer gets small frames only; `linked()` lifts the limit. (The
         # protocol reads this limit for every frame, before it buffers the frame's payload.)
-        self.ws.max_message_size = MAX_PRELOGIN_MESSAGE_BYTES
+        _set_max_message(ws, MAX_PRELOGIN_MESSAGE_BYTES)
 
     def closing_reason(self) -> str:
         """Why the WebSocket is no longer open: the client closed it, or we did (a frame too
@@ -155,7 +172,7 @@ class WebSocketTransport:
         return "WebSocket closed by the client"
 
     def linked(self) -> None:
-        self.ws.max_message_size = MAX_MESSAGE_BYTES
+        _set_max_message(self.ws, MAX_MESSAGE_BYTES)
 
     @property
     def open(self) -> bool:
@@ -189,6 +206,9 @@ class WebSocketTransport:
             self.ws.send_close()
         self.flush()
         self.raw.close()
+
+    def abort(self) -> None:
+        self.raw.abort()
 
     def get_write_buffer_size(self) -> int:
         return self.raw.get_write_buffer_size()
