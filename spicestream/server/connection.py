@@ -17,7 +17,7 @@ from ..protocol.channel import ChannelProtocol
 from ..protocol.constants import ChannelType, LinkError
 from ..protocol.link import LinkFailed, LinkRequested, ServerLink, TicketReceived
 from ..protocol.wire import ProtocolError
-from .tickets import MAX_HELD_PER_NETWORK, network_of
+from .tickets import network_of
 from . import tcpinfo, web
 
 if TYPE_CHECKING:
@@ -99,7 +99,6 @@ class ChannelConnection(asyncio.Protocol):
         self.closed = False
         self._link_timer: asyncio.TimerHandle | None = None
         self._lost = False  # connection_lost came
-        self._held = False  # an answer to our ticket is being held back (tickets.hold)
         self._key_wait: asyncio.Future | None = None  # waiting for an RSA key (linkkeys.py)
 
     # -- asyncio callbacks --------------------------------------------------------------
@@ -223,7 +222,6 @@ class ChannelConnection(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         self.closed = True
         self._lost = True
-        self._release_hold()
         if self._key_wait is not None:
             self._key_wait.cancel()  # its key goes to the next hello, not to a dead one
         self.core.unlinked.release(self)
@@ -281,20 +279,12 @@ class ChannelConnection(asyncio.Protocol):
                 # A network that keeps guessing waits longer and longer for every answer, right
                 # or wrong: the decision itself is held back (tickets.py).
                 tickets = self.core.tickets
-                delay = tickets.delay(self.address)
-                if delay > 0 and tickets.waiting(self.address) >= MAX_HELD_PER_NETWORK:
-                    # Under penalty one answer at a time per network: guesses sent in parallel
-                    # would otherwise each wait their delay side by side.
-                    self.closed = True
-                    self.transport.abort()
-                    self.core.unlinked.log_refusal(self.peer, "a ticket from its network is already waiting")
-                    return
+                # Under penalty the answers to a network go out one delay apart (tickets.py).
+                delay = tickets.answer_in(self.address)
                 if self.core.is_guess(event.password, self.link.request):
                     # Counted now: a guesser that gives up before the answer still pays.
                     tickets.failed(self.address)
                 if delay > 0:
-                    tickets.hold(self.address)
-                    self._held = True
                     asyncio.get_running_loop().call_later(delay, self._answer_ticket, event.password)
                 else:
                     self._answer_ticket(event.password)
@@ -319,13 +309,7 @@ class ChannelConnection(asyncio.Protocol):
             log.exception("%s: error answering a link", self.peer)
             self.abort("internal error")
 
-    def _release_hold(self) -> None:
-        if self._held:
-            self._held = False
-            self.core.tickets.release(self.address)
-
     def _answer_ticket(self, password: bytes | None) -> None:
-        self._release_hold()
         if self.closed:
             return
         try:

@@ -128,19 +128,11 @@ class ServerCore:
                 session_id = secrets.randbits(32) or 1
             session = Session(session_id)
             self.sessions[session_id] = session
-            self._passed(conn)
             return LinkError.OK, session, ""
         session = self.sessions.get(request.connection_id)
         if session is None:
             return LinkError.BAD_CONNECTION_ID, None, f"unknown session id {request.connection_id:08x}"
-        self._passed(conn)
         return LinkError.OK, session, ""
-
-    def _passed(self, conn) -> None:
-        # Only a verified password clears a network's failures: without ticketing anyone can
-        # link a main channel, and that must not wipe a session-id guesser's record.
-        if self.tickets.password is not None:
-            self.tickets.succeeded(conn.address)
 
     @staticmethod
     def _channel_key(handler) -> tuple[int, int]:

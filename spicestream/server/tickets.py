@@ -4,7 +4,9 @@ Tickets are compared in constant time. Every failed attempt (a wrong ticket, or 
 session id) is logged by the connection with the peer's address. A network that keeps failing
 waits longer and longer for every answer, right or wrong (the link result is held back), and
 many failures a second from anywhere slow every answer down: guessing becomes slow without
-blocking anyone else for long.
+blocking anyone else for long. A right answer does not wipe the record: a guesser that gave up
+on its tries would see its penalty vanish and learn that one of them was right. The record
+is forgotten after FORGET_AFTER_S of quiet.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ MAX_DELAY_S = 5.0
 FORGET_AFTER_S = 300.0  # a network quiet for this long starts over
 GLOBAL_FAILURES_PER_S = 10  # beyond this many failures a second from anywhere, every answer waits
 GLOBAL_DELAY_S = 1.0
-MAX_HELD_PER_NETWORK = 1  # under penalty, one answer at a time: parallel guesses do not add up
 FORGET_SWEEP_S = 10.0
 
 
@@ -43,7 +44,7 @@ class Tickets:
         self.set(password, expires_in)
         self._failures: dict[str, tuple[int, float]] = {}  # network -> (count, last failure)
         self._recent: collections.deque = collections.deque()  # times of failures, any network
-        self._held: dict[str, int] = {}  # network -> answers being held back
+        self._next_answer: dict[str, float] = {}  # network -> when its last held answer goes out
         self._next_sweep = float("-inf")
 
     def set(self, password: bytes | None, expires_in: float | None = None, now: float | None = None) -> None:
@@ -93,24 +94,19 @@ class Tickets:
         self._recent.append(now)
         return delay
 
-    def succeeded(self, address: str) -> None:
-        self._failures.pop(network_of(address), None)
-
-    def waiting(self, address: str) -> int:
-        """Answers held back for `address`'s network right now (see `hold`/`release`)."""
-        return self._held.get(network_of(address), 0)
-
-    def hold(self, address: str) -> None:
+    def answer_in(self, address: str, now: float | None = None) -> float:
+        """How long from `now` to hold back the answer to a ticket that just came from
+        `address`: its network's delay, and after the answer before it. Under penalty the
+        answers to one network go out one delay apart, so guesses sent in parallel do not add
+        up; a client linking its channels at once just waits its turn for each."""
+        now = time.monotonic() if now is None else now
+        delay = self.delay(address, now)
+        if delay <= 0:
+            return 0.0
         network = network_of(address)
-        self._held[network] = self._held.get(network, 0) + 1
-
-    def release(self, address: str) -> None:
-        network = network_of(address)
-        left = self._held.get(network, 0) - 1
-        if left > 0:
-            self._held[network] = left
-        else:
-            self._held.pop(network, None)
+        at = max(now, self._next_answer.get(network, now)) + delay
+        self._next_answer[network] = at
+        return at - now
 
     def _forget_old(self, now: float) -> None:
         # At most one sweep per FORGET_SWEEP_S, so that many networks do not cost a scan per answer.
@@ -118,3 +114,4 @@ class Tickets:
             return
         self._next_sweep = now + FORGET_SWEEP_S
         self._failures = {a: (c, t) for a, (c, t) in self._failures.items() if now - t <= FORGET_AFTER_S}
+        self._next_answer = {a: t for a, t in self._next_answer.items() if t > now}
