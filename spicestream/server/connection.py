@@ -38,35 +38,35 @@ REFUSAL_LOG_INTERVAL_S = 10.0
 
 
 class UnlinkedConnections:
-    """Counts connections that have not linked, in all and by address, and refuses more than
+    """Counts connections that have not linked, in all and by network, and refuses more than
     the caps; refusals are logged at most once per interval, with how many there were."""
 
     def __init__(self, max_total: int = MAX_UNLINKED, max_per_network: int = MAX_UNLINKED_PER_NETWORK):
         self.max_total, self.max_per_network = max_total, max_per_network
-        self._by_address: dict[str, set] = {}
+        self._by_network: dict[str, set] = {}
         self._total = 0
         self._refused = 0
         self._last_log = -1e9
 
     def admit(self, address: str, conn) -> str | None:
-        network = network_of(address)  # an IPv6 peer has a whole /64 of addresses
-        held = self._by_address.get(network, ())
+        network = network_of(address)  # an IPv6 peer has a whole /64 (or more) of addresses
+        held = self._by_network.get(network, ())
         if self._total >= self.max_total:
             return f"{self._total} connections have not linked yet"
         if len(held) >= self.max_per_network:
             return f"{len(held)} connections from {network} have not linked yet"
-        self._by_address.setdefault(network, set()).add(conn)
+        self._by_network.setdefault(network, set()).add(conn)
         self._total += 1
         return None
 
     def release(self, conn) -> None:
         network = network_of(conn.address)
-        held = self._by_address.get(network)
+        held = self._by_network.get(network)
         if held is not None and conn in held:
             held.discard(conn)
             self._total -= 1
             if not held:
-                del self._by_address[network]
+                del self._by_network[network]
 
     def log_refusal(self, peer: str, reason: str, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
@@ -116,9 +116,7 @@ class ChannelConnection(asyncio.Protocol):
         tcpinfo.limit_unsent(transport.get_extra_info("socket"))
         refusal = self.core.unlinked.admit(self.address, self)
         if refusal is not None:
-            self.closed = True
-            transport.abort()  # no lingering: the fd is what is scarce
-            self.core.unlinked.log_refusal(self.peer, refusal)
+            self._drop(refusal)
             return
         self._link_timer = asyncio.get_running_loop().call_later(
             LINK_TIMEOUT_S, self.abort, "link stage timed out")
@@ -252,9 +250,7 @@ class ChannelConnection(asyncio.Protocol):
             event = events.pop(0)
             if isinstance(event, LinkRequested):
                 if not self.core.hellos.allow(self.address, time.monotonic()):
-                    self.closed = True  # quietly: the refusals are counted, logged once a while
-                    self.transport.abort()
-                    self.core.unlinked.log_refusal(self.peer, "too many link hellos from its network")
+                    self._drop("too many link hellos from its network")
                     return
                 error = self.core.check_link(event, self)
                 if error != LinkError.OK:
@@ -277,9 +273,8 @@ class ChannelConnection(asyncio.Protocol):
                 self.transport.pause_reading()
                 self._write_link()
                 # A network that keeps guessing waits longer and longer for every answer, right
-                # or wrong: the decision itself is held back (tickets.py).
+                # or wrong, one delay apart: the decision itself is held back (tickets.py).
                 tickets = self.core.tickets
-                # Under penalty the answers to a network go out one delay apart (tickets.py).
                 delay = tickets.answer_in(self.address)
                 if self.core.is_guess(event.password, self.link.request):
                     # Counted now: a guesser that gives up before the answer still pays.
@@ -378,6 +373,13 @@ class ChannelConnection(asyncio.Protocol):
     def can_send(self) -> bool:
         """True when neither the socket buffer nor the client's ACK window is full."""
         return not self.closed and not self.paused and self.proto.can_send
+
+    def _drop(self, reason: str) -> None:
+        """Cut a connection off at once and quietly: refusals of floods are counted and logged
+        once a while (UnlinkedConnections.log_refusal), and the fd is what is scarce."""
+        self.closed = True
+        self.transport.abort()
+        self.core.unlinked.log_refusal(self.peer, reason)
 
     def abort(self, reason: str, level: int = logging.WARNING) -> None:
         """Close this connection (after writing what is queued), with one log line. A peer
