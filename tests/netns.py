@@ -1,23 +1,22 @@
 """A test host in its own network namespace, joined to ours by a veth pair, with netem.
 
-    with NetnsLink() as link:          # 10.199.77.1 here, 10.199.77.2 in the namespace
+    with NetnsLink() as link:          # link.server_ip here, link.client_ip in the namespace
         link.shape("5mbit")
         proc = link.popen([sys.executable, "-m", ...])
 
 The two addresses form a /30 that exists only on this veth pair: traffic to them never
-leaves the machine. (TEST-NET-1, 192.0.2.0/24, would say so even more clearly, but this
+leaves the machine. Each link draws its /30 from 10.199.0.0/16 at random, so that two suites
+running at once do not share one. (TEST-NET-1, 192.0.2.0/24, would say so even more clearly, but this
 sandbox refuses it.) Needs root and iproute2; `available()` says whether we have them.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import subprocess
 import uuid
-
-SERVER_IP, CLIENT_IP = "10.199.77.1", "10.199.77.2"
-
 
 def available() -> str | None:
     """None if namespaces can be made here, else why not."""
@@ -42,15 +41,18 @@ class NetnsLink:
         tag = uuid.uuid4().hex[:6]
         self.ns, self.veth_here, self.veth_there = f"ss{tag}", f"vs{tag}", f"vc{tag}"
         self.procs: list[subprocess.Popen] = []
+        subnet = random.randrange(1 << 14) << 2  # a /30 of 10.199.0.0/16
+        self.server_ip = f"10.199.{subnet >> 8}.{(subnet & 255) + 1}"
+        self.client_ip = f"10.199.{subnet >> 8}.{(subnet & 255) + 2}"
 
     def __enter__(self) -> "NetnsLink":
         try:
             _run("ip", "netns", "add", self.ns)
             _run("ip", "link", "add", self.veth_here, "type", "veth", "peer", "name", self.veth_there)
             _run("ip", "link", "set", self.veth_there, "netns", self.ns)
-            _run("ip", "addr", "add", f"{SERVER_IP}/30", "dev", self.veth_here)
+            _run("ip", "addr", "add", f"{self.server_ip}/30", "dev", self.veth_here)
             _run("ip", "link", "set", self.veth_here, "up")
-            _run("ip", "netns", "exec", self.ns, "ip", "addr", "add", f"{CLIENT_IP}/30", "dev", self.veth_there)
+            _run("ip", "netns", "exec", self.ns, "ip", "addr", "add", f"{self.client_ip}/30", "dev", self.veth_there)
             _run("ip", "netns", "exec", self.ns, "ip", "link", "set", self.veth_there, "up")
             _run("ip", "netns", "exec", self.ns, "ip", "link", "set", "lo", "up")
         except BaseException:

@@ -3,7 +3,8 @@
 import struct
 
 import pytest
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding
 
 from spicestream.protocol.constants import ChannelType, CommonCap, DisplayCap, LinkError, has_cap
 from spicestream.protocol.link import (
@@ -29,6 +30,9 @@ def link_until_ticket(password, channel_type=ChannelType.MAIN, caps=(DisplayCap.
     return server, server.receive_data(ClientLink.ticket(pub, password)), pub
 
 
+OAEP = padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(), label=None)
+
+
 def test_reply_carries_fresh_rsa1024_der_key():
     server, events, pub = link_until_ticket("pw")
     assert len(pub) == 162 and pub.startswith(bytes.fromhex("30819f300d06092a864886f70d010101050003818d00"))
@@ -45,6 +49,30 @@ def test_ticket_decrypts_to_the_password(password):
     server.finish(LinkError.OK)
     assert server.data_to_send() == b"\x00\x00\x00\x00" and server.done
     assert server.mini_header
+
+
+def html5_ticket(pub: bytes, password: bytes, leading_zeros: int) -> bytes:
+    """A ticket as spice-html5 writes one whose ciphertext starts with zero bytes: the big
+    number's hex without them, left-aligned, zero-filled at the end (ticket.js rsa_encrypt)."""
+    key = serialization.load_der_public_key(pub)
+    while True:  # OAEP is random: about one ciphertext in 200 starts with a zero byte
+        cipher = key.encrypt(password + b"\x00", OAEP)
+        if cipher[:leading_zeros] == bytes(leading_zeros) and cipher[leading_zeros] != 0:
+            return struct.pack("<I", 1) + cipher[leading_zeros:] + bytes(leading_zeros)
+
+
+def test_spice_html5_ticket_with_a_leading_zero_byte_decrypts():
+    server = ServerLink()
+    server.receive_data(ClientLink(0, 1, 0).hello)
+    server.accept()
+    _, pub, _, _ = reply_of(server.data_to_send())
+    assert server.receive_data(html5_ticket(pub, b"s3cret", 1)) == [TicketReceived(b"s3cret")]
+    # The same bytes with a different key stay undecryptable.
+    other = ServerLink()
+    other.receive_data(ClientLink(0, 1, 0).hello)
+    other.accept()
+    other.data_to_send()
+    assert other.receive_data(html5_ticket(pub, b"s3cret", 1)) == [TicketReceived(None)]
 
 
 def test_garbage_ticket_is_reported_undecryptable_and_rejected():

@@ -164,13 +164,13 @@ def test_shaped_link_converges_keeps_latency_and_memory_flat_and_recovers():
     recorded), memory is flat, and the rate climbs once the limit is lifted."""
     with netns.NetnsLink() as link:
         shaping = link.shape(f"{LIMIT // 1000}kbit")
-        server = spicestream.Server(host=netns.SERVER_IP, port=0, width=1920, height=1080,
+        server = spicestream.Server(host=link.server_ip, port=0, width=1920, height=1080,
                                     allow_unauthenticated_remote=True,  # a link of the test's own
                                     video_codecs="gstreamer:h264", streaming_video="all").start()
         try:
             with MovingContent(server.display, 1920, 1080) as content:
                 watcher = link.popen([sys.executable, "-m", "spicestream.testing.watch", "--host",
-                                      netns.SERVER_IP, "--port", str(server.port), "--seconds", "150"],
+                                      link.server_ip, "--port", str(server.port), "--seconds", "150"],
                                      stdout=subprocess.PIPE, text=True)
                 lines: list[dict] = []
                 reader = threading.Thread(target=lambda: [lines.append(json.loads(l)) for l in watcher.stdout],

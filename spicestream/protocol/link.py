@@ -41,6 +41,7 @@ LINK_REPLY = struct.Struct(f"<I{TICKET_PUBKEY_BYTES}sIII")
 RESULT = struct.Struct("<I")
 MAX_CAPS_WORDS = 1024
 MIN_MESS_SIZE, MAX_MESS_SIZE = LINK_MESS.size, 4096
+MISALIGNED_TICKET_SHIFTS = 2  # leading zero bytes re-added to a ticket (ServerLink._decrypt)
 # Everything a peer may have buffered here before its link completes: a whole pipelined link
 # (header, message, auth word, ticket: under 4.3 KiB) plus the start of its data stream. An
 # unauthenticated peer never makes us hold more (the transport stops reading while a ticket
@@ -160,11 +161,22 @@ class ServerLink:
         self._state = _State.CHECKING
         self.leftover = bytes(self._buf)
         self._buf.clear()
-        try:
-            plain = self._key.decrypt(chunk, OAEP)
-        except ValueError:
-            return TicketReceived(None)
-        return TicketReceived(plain.split(b"\x00", 1)[0])
+        plain = self._decrypt(chunk)
+        return TicketReceived(None if plain is None else plain.split(b"\x00", 1)[0])
+
+    def _decrypt(self, cipher: bytes) -> bytes | None:
+        """spice-html5 writes the ciphertext's big number without its leading zero bytes,
+        left-aligned and zero-filled at the end (ticket.js rsa_encrypt: one ticket in ~200):
+        where a ticket fails to decrypt and ends in zeros, the number it meant is tried once
+        or twice more. A guesser gains nothing: each try is a full OAEP check."""
+        for shift in range(MISALIGNED_TICKET_SHIFTS + 1):
+            if shift and cipher[-shift:] != bytes(shift):
+                return None
+            try:
+                return self._key.decrypt(bytes(shift) + cipher[: len(cipher) - shift], OAEP)
+            except ValueError:
+                continue
+        return None
 
     def _parse_mess(self, mess: bytes):
         conn_id, ch_type, ch_id, n_common, n_channel, caps_offset = LINK_MESS.unpack_from(mess)
