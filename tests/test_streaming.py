@@ -322,3 +322,30 @@ def test_codec_preference_churn_rebuilds_the_encoder_at_most_once_per_interval(m
         # One at once, then one per interval at most (the count of intervals that started).
         assert 1 <= switches <= 2 + int((time.monotonic() - started) / CODEC_SWITCH_INTERVAL_S), (switches, elapsed)
         assert created(client)[-1].codec_type == last
+
+
+def test_stamps_keep_pace_across_the_media_clock_wrap(make_server):
+    """The server's media clock is set 1.5 s before its 2^32 ms wrap: the stream goes on across
+    it with stamps a frame apart (not 1 ms apart) and frames on time at the client, whose clock
+    wraps with it. The stamping rule itself is unit-tested with a synthetic clock
+    (test_stream_policy.py); this shows the server feeds it an unwrapped clock."""
+    server = make_server("gstreamer:h264")
+    server._core._epoch = time.monotonic() - (2**32 - 1500) / 1000
+    with TestClient("127.0.0.1", server.port, display_caps=ALL_CODECS) as client:
+        client.wait_for(lambda c: c.marked)
+        k = play_until_stream(server, client)
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:
+            server.display.update(moving_picture(k), damage=[REGION])
+            k += 1
+            time.sleep(1 / 30)
+        log = [e for e in client.stream_log if e["margin_ms"] is not None]
+        stamps = [e["mm_time"] for e in log]
+        assert any(s > 2**32 - 3000 for s in stamps) and any(s < 10_000 for s in stamps), "no wrap seen"
+        steps = [((b - a + 2**31) % 2**32) - 2**31 for a, b in zip(stamps, stamps[1:])]
+        gaps_ms = [(b["arrival"] - a["arrival"]) * 1000 for a, b in zip(log, log[1:])]
+        assert min(steps) >= 1, "a stamp went backwards"
+        # Stamps follow the frames' pace (a median step of 1 ms was the old wrap bug).
+        assert np.median(steps) >= 0.5 * np.median(gaps_ms), (np.median(steps), np.median(gaps_ms))
+        margins = [e["margin_ms"] for e in log[len(log) // 2 :]]
+        assert -50 <= np.median(margins) <= 200, margins

@@ -17,6 +17,7 @@ from ..display.surface import Display
 from ..protocol.constants import ChannelType, DisplayCap, InputsCap, LinkError, MainCap, MouseMode
 from ..protocol.link import LinkRequested
 from ..protocol.messages import SERVER
+from ..video.streampolicy import wire_stamp
 from .channels import CursorChannel, DisplayChannel, InputsChannel, MainChannel
 from .connection import UnlinkedConnections
 from .linkkeys import HelloLimiter, LinkKeys
@@ -85,16 +86,21 @@ class ServerCore:
         self._epoch = time.monotonic()
 
     # -- clock ------------------------------------------------------------------------------
+    def mm_ms(self, monotonic: float) -> int:
+        """The server's media clock at a moment measured with time.monotonic(): milliseconds,
+        unwrapped (brief §4.4); only what goes on the wire wraps (streampolicy.wire_stamp)."""
+        return int((monotonic - self._epoch) * 1000 + 1)
+
     def mm_time(self) -> int:
-        """The server's media clock: monotonic milliseconds, u32 wrapping (brief §4.4)."""
-        return int((time.monotonic() - self._epoch) * 1000 + 1) & 0xFFFFFFFF
+        """The media clock now, as the wire carries it: u32, wrapping."""
+        return wire_stamp(self.mm_ms(time.monotonic()))
 
     def mm_time_at(self, monotonic: float) -> int:
-        """Media time of a moment measured with time.monotonic() (a frame's capture)."""
-        return int((monotonic - self._epoch) * 1000 + 1) & 0xFFFFFFFF or 1
+        """The wire media time of a moment measured with time.monotonic() (a frame's capture)."""
+        return wire_stamp(self.mm_ms(monotonic))
 
     def client_mm_time(self) -> int:
-        return (self.mm_time() - self.latency_ms) & 0xFFFFFFFF or 1
+        return wire_stamp(self.mm_ms(time.monotonic()) - self.latency_ms)
 
     # -- link decisions ---------------------------------------------------------------------
     def channel_caps(self, channel_type: int):

@@ -27,6 +27,7 @@ from ..video.codec_list import CodecEntry, SwitchPacer
 from ..video.encoder import EncodedFrame, EncoderError, VideoEncoder
 from ..video.mjpeg import QUALITY_STEPS
 from ..video.ratecontrol import RateController
+from ..video.streampolicy import FrameLedger, Playout, admit, next_quality_index, wants_key_frame
 from . import tcpinfo
 from .sharing import Subscription
 
@@ -38,7 +39,6 @@ REPORT_TIMEOUT_MS = 1000
 UNSUPPORTED_DROPS = 0xFFFFFFFF  # num_drops of a "cannot decode this stream" report
 KEY_REQUEST_WINDOW_S = 5.0
 KEY_REQUESTS_TO_DEMOTE = 4
-STALL_KEY_FRAME_S = 1.0  # after this long without feeding the encoder, resume with a key frame
 RECENT_FRAMES = 512  # per-frame timings kept for stats and benchmarks
 BITS_PER_PIXEL_FRAME = 0.1  # starting bit rate: about 6 Mbit/s for 1080p at 30 fps...
 MIN_START_BIT_RATE = 2_000_000  # ...but never so low that a small region looks poor
@@ -52,15 +52,11 @@ class ActiveStream:
     unique_id: int
     rate: RateController
     generation: int = -1  # display frame generation last handed to the encoder
-    seen_generation: int = -1  # newest generation offered to this stream
     last_fed: float = 0.0
-    last_stamp: int = 0
     errors: int = 0
-    frames_offered: int = 0
-    frames_sent: int = 0
     bytes_sent: int = 0
     copied_bytes: int = 0
-    dropped: collections.Counter = field(default_factory=collections.Counter)
+    ledger: FrameLedger = field(default_factory=FrameLedger)
     held: EncodedFrame | None = None  # encoded, waiting for the socket (newest only)
     awaiting_key: bool = False  # an encoded frame was dropped: send nothing until a key frame
     quality_index: int = len(QUALITY_STEPS) - 2
@@ -86,6 +82,7 @@ class StreamSender:
         self._loop = asyncio.get_running_loop()
         self.history: list[dict] = []  # ended streams' stats, newest last
         self.switches = SwitchPacer()  # codec switches asked for by the client
+        self.playout = Playout()  # stamps: what this client's reports taught holds across streams
 
     # -- lifecycle -------------------------------------------------------------------------
     def sync(self) -> None:
@@ -207,38 +204,32 @@ class StreamSender:
         """Encode `frame` if it is new and there is room; True if the encoder took it."""
         if generation == stream.generation:
             return False
-        fresh = generation != stream.seen_generation
-        if fresh:
-            stream.seen_generation = generation
-            stream.frames_offered += 1
-        reason = None
-        if not self.conn.can_send or stream.held is not None:
-            reason = "socket full"
-        elif stream.encoder.in_flight >= stream.encoder.max_in_flight:
-            reason = "encoder busy"
-        else:
-            reason = stream.rate.admit(time.monotonic())
+        ledger = stream.ledger
+        ledger.seen(generation)
+        now = time.monotonic()
+        encoder = stream.encoder
+        reason = admit(self.conn.can_send, stream.held is not None,
+                       encoder.in_flight >= encoder.max_in_flight, stream.rate, now)
         if reason is not None:
-            if fresh:
-                stream.dropped[reason] += 1
+            ledger.waiting(generation, reason)
             return False
         r = stream.region
         scanout = hasattr(frame, "drm_fourcc")
         size = (frame.height, frame.width) if scanout else frame.shape[:2]
-        if size != (self.display.height, self.display.width) or (scanout and size != (r.height, r.width)):
-            return False
-        now = time.monotonic()
-        if now - stream.last_fed > STALL_KEY_FRAME_S and stream.generation >= 0:
-            stream.encoder.force_key_frame()  # the client has waited: give it a fresh start
-        stream.generation, stream.last_fed = generation, now
-        # Encoders carry the capture time; each client's stamp adds its own playout delay
-        # when the frame is sent (one encode may serve several clients).
-        capture_mm = self.core.mm_time_at(published)
         picture = frame if scanout else frame[r.y : r.y + r.height, r.x : r.x + r.width]
-        if not scanout and picture.shape[:2] != (r.height, r.width):
-            return False  # resized under us: the next sync() ends this stream
-        if not stream.encoder.encode(picture, capture_mm, generation, published):
+        if (size != (self.display.height, self.display.width) or (scanout and size != (r.height, r.width))
+                or (not scanout and picture.shape[:2] != (r.height, r.width))):
+            ledger.waiting(generation, "resized")  # the next sync() ends this stream
+            return False
+        if wants_key_frame(now, stream.last_fed, stream.generation >= 0):
+            encoder.force_key_frame()  # the client has waited: give it a fresh start
+        # Encoders carry the capture time (for stats and the producer's completions); the
+        # stamp is made per client when the frame is written (one encode may serve several).
+        if not encoder.encode(picture, self.core.mm_time_at(published), generation, published):
+            ledger.waiting(generation, "encoder busy")
             return scanout  # a refused scanout was released by the encoder
+        stream.generation, stream.last_fed = generation, now
+        ledger.encoded_one(generation)
         return True
 
     def _send_frame(self, encoder: VideoEncoder, frame: EncodedFrame) -> None:
@@ -250,19 +241,20 @@ class StreamSender:
             # The encoder has read the input: this client has what it needs from every draw
             # up to that frame, whatever happens to the encoded bytes now.
             self.display.draws.consumed(self, meta[0])
+        ledger = stream.ledger
         if stream.awaiting_key:
             if not frame.key:
-                stream.dropped["awaiting key frame"] += 1
+                ledger.dropped_after_encoding("awaiting key frame")
                 return
             stream.awaiting_key = False
         if stream.held is not None:
             # The socket did not take the previous frame: the newer one supersedes it. Video
             # codecs then need a key frame before anything decodes again.
-            stream.dropped["superseded"] += 1
+            ledger.dropped_after_encoding("superseded")
             stream.held = None
             if not frame.key and stream.entry.codec != Codec.MJPEG:
                 stream.awaiting_key = True
-                stream.dropped["awaiting key frame"] += 1
+                ledger.dropped_after_encoding("awaiting key frame")
                 self._need_key(stream)
                 return
         stream.held = frame
@@ -276,11 +268,8 @@ class StreamSender:
             return
         stream.held = None
         r = stream.region
-        # Stamps never go backwards (spice-gtk flushes its MJPEG queue when they do), even
-        # while the playout delay shrinks.
-        stamp = max(frame.timestamp_ms + int(stream.rate.playout_ms), stream.last_stamp + 1)
-        stream.last_stamp = stamp
-        stamp = stamp & 0xFFFFFFFF or 1
+        now = time.monotonic()
+        stamp = self.playout.stamp(self.core.mm_ms(now))
         if self.sized:
             dest = Rect(top=r.y, left=r.x, bottom=r.y + r.height, right=r.x + r.width)
             message = SERVER.DISPLAY_STREAM_DATA_SIZED(r.stream_id, stamp, frame.width,
@@ -289,13 +278,13 @@ class StreamSender:
             message = SERVER.DISPLAY_STREAM_DATA(r.stream_id, stamp, frame.data)
         self.conn.send(message)
         self.conn.flush()
-        stream.frames_sent += 1
+        stream.ledger.sent_one()
         stream.bytes_sent += len(frame.data)
-        stream.rate.on_sent(time.monotonic(), len(frame.data))
+        stream.rate.on_sent(now, len(frame.data))
         stream.copied_bytes += frame.copied_bytes
         meta = stream.held_meta
         stream.recent.append({"stamp": stamp, "capture": meta[1] if meta else None,
-                              "generation": meta[0] if meta else None, "written": time.monotonic(),
+                              "generation": meta[0] if meta else None, "written": now,
                               "size": len(frame.data), "key": frame.key,
                               "buffered": self.conn.transport.get_write_buffer_size()})
 
@@ -361,11 +350,7 @@ class StreamSender:
         sent = max(1, info["frames_out"])
         average = info["bytes_out"] / sent
         budget = stream.rate.target / 8 / stream.rate.fps
-        index = stream.quality_index
-        if average > budget * 1.1 and index > 0:
-            index -= 1
-        elif average < budget * 0.6 and index < len(QUALITY_STEPS) - 1:
-            index += 1
+        index = next_quality_index(stream.quality_index, len(QUALITY_STEPS), average, budget)
         if index != stream.quality_index:
             stream.quality_index = index
             encoder.set_quality(QUALITY_STEPS[index])
@@ -405,6 +390,8 @@ class StreamSender:
             self.channel.writable()
             return
         stream.stats["last_report"] = message._asdict()
+        self.playout.on_report(message.end_frame_mm_time, message.num_frames, message.num_drops,
+                               message.last_frame_delay)
         if stream.rate.on_report(time.monotonic(), message.num_frames, message.num_drops,
                                  message.last_frame_delay):
             self._apply_rate(stream)
@@ -424,11 +411,12 @@ class StreamSender:
     def _stats_of(self, stream: ActiveStream) -> dict:
         info = stream.encoder.stats()
         info.update(stream.rate.summary())
+        info.update(stream.ledger.summary())
+        info.update(self.playout.summary())
         info.update(stream_id=stream.region.stream_id, codec_entry=str(stream.entry),
-                    frames_offered=stream.frames_offered, frames_sent=stream.frames_sent,
-                    dropped=dict(stream.dropped), bytes_sent=stream.bytes_sent,
+                    bytes_sent=stream.bytes_sent,
                     copied_bytes=stream.copied_bytes, region=stream.region.rect,
-                    copied_bytes_per_frame=stream.copied_bytes / max(1, stream.frames_sent),
+                    copied_bytes_per_frame=stream.copied_bytes / max(1, stream.ledger.sent),
                     last_report=stream.stats.get("last_report"))
         if stream.entry.codec == Codec.MJPEG:
             info["quality"] = QUALITY_STEPS[stream.quality_index]

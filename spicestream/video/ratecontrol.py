@@ -12,9 +12,9 @@ to queueing delay itself (RTT above its minimum, plus our backlog) within a few 
 milliseconds instead of waiting for a 300 ms virtual buffer to overflow, and it sets the
 rate from what the link actually delivered when it had to cut.
 
-The playout delay is the offset added to a frame's capture time to make its stamp; it is
-steered so the client's margin sits near one frame interval: frames are shown about one
-frame after they arrive, and nothing grows over time.
+Stamps and the client's playout margin are not decided here (video/streampolicy.py): a
+late frame means the stamp was too early, not that the link is too slow, unless it is late
+by more than the link's own queueing could explain (LATE_IS_CONGESTION_MS).
 """
 
 from __future__ import annotations
@@ -38,9 +38,7 @@ USED_SHARE = 0.7  # raise the target only while the encoder uses this much of it
 SKIP_QUEUE_S = 0.100  # skip frames before encoding while this much is queued
 MAX_SKIP_S = 0.5
 BANDWIDTH_WINDOW_S = 1.0
-PLAYOUT_MIN_MS, PLAYOUT_MAX_MS = 5.0, 2000.0
-START_PLAYOUT_MS = 200.0
-MAX_PLAYOUT_STEP_MS = 10.0
+LATE_IS_CONGESTION_MS = 100.0  # a report's last frame this late, with a quarter of frames late: cut
 
 
 @dataclass
@@ -67,13 +65,6 @@ class RateController:
         self._queue_at_cut = 0.0
         self._last_admitted = now
         self._last_change = now
-        # Margin we aim for at the client: one frame interval (never under 10 ms).
-        self.target_margin_ms = max(10.0, 1000.0 / self.fps)
-        # A new stream starts with room to spare: the client builds its decoder when the
-        # stream is created and the first frames pay for it. Reports bring it down within a
-        # few seconds.
-        self.playout_ms = START_PLAYOUT_MS
-        self.last_margin_ms: float | None = None
         self.rtt_ms: float | None = None
         self.min_rtt_ms: float | None = None
 
@@ -175,19 +166,11 @@ class RateController:
 
     # -- client reports ---------------------------------------------------------------------------
     def on_report(self, now: float, num_frames: int, num_drops: int, last_frame_delay_ms: int) -> bool:
-        """A STREAM_REPORT; True if the target changed. Also steers the playout delay."""
-        margin = float(last_frame_delay_ms)
-        self.last_margin_ms = margin
-        if num_drops > 0 or margin < 0:
-            # Late frames: stamp later at once (the shortfall plus half a frame of slack)...
-            self.playout_ms += max(0.0, -margin) + self.target_margin_ms / 2
-        elif margin > 1.5 * self.target_margin_ms:
-            # ...and come back slowly when frames arrive with time to spare (never faster than
-            # stamps can absorb: they must not go backwards).
-            self.playout_ms -= min((margin - self.target_margin_ms) * 0.25, MAX_PLAYOUT_STEP_MS)
-        self.playout_ms = min(PLAYOUT_MAX_MS, max(PLAYOUT_MIN_MS, self.playout_ms))
-        if num_drops > 0 and num_frames > 0 and num_drops * 4 >= num_frames:
-            return self._decrease(now, None)  # a quarter late: the link or decoder can't keep up
+        """A STREAM_REPORT; True if the target changed. Frames far too late, a quarter of them
+        or more, mean the link or the client's decoder cannot keep up."""
+        if (num_drops > 0 and num_frames > 0 and num_drops * 4 >= num_frames
+                and last_frame_delay_ms < -LATE_IS_CONGESTION_MS):
+            return self._decrease(now, None)
         return False
 
     # -- frames ---------------------------------------------------------------------------------
@@ -205,6 +188,5 @@ class RateController:
                 "bandwidth_estimate": None if self.bandwidth is None else int(self.bandwidth),
                 "queue_delay_ms": round(self.queue_delay * 1000, 1), "queue_bytes": self.queue_bytes,
                 "rtt_ms": self.rtt_ms, "min_rtt_ms": self.min_rtt_ms,
-                "playout_ms": round(self.playout_ms, 1), "last_margin_ms": self.last_margin_ms,
                 "decreases": self.stats.decreases, "increases": self.stats.increases,
                 "skipped": dict(self.stats.skipped)}
