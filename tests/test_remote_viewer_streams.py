@@ -308,3 +308,107 @@ def test_remote_viewer_shows_a_dmabuf_scanout_the_right_way_up(y0_top, tmp_path)
         del pixels
         buffer.close()
         os.close(fd)
+
+
+# -- late joiners ---------------------------------------------------------------------------------
+# How soon a joiner sees the picture is a speed target (bench/first_frame.py); these tests show
+# that it does, at once rather than at the producer's next frame (an idle producer has none),
+# with a bound that keeps 3x margin over what a loaded 2-core machine measured.
+JOIN_BOUND_S = 3.0
+
+
+def shows_frame(shot: np.ndarray, k: int) -> bool:
+    """The screen shows the picture of frame `k`: markers, its number, its square."""
+    mapping = locate(shot)
+    if mapping is None or framecode.read(shot, mapping[0], *CODE_AT) != k:
+        return False
+    centre = square_on_screen(shot, mapping)
+    return centre is not None and abs(centre[0] - (square_x(k) + SQUARE / 2)) <= 6
+
+
+def seconds_to_picture(x: xclient.XSession, server, shows: Callable[[np.ndarray], bool],
+                       timeout: float = 20) -> float:
+    """From the viewer's display channel linking (the server's stats list it) to the first
+    screen grab that `shows` the picture; grabs take milliseconds (XSession.grab)."""
+    linked = None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if linked is None and len(server.stats()["clients"]) > 0:
+            linked = time.monotonic()
+        if linked is not None and shows(x.grab()):
+            return time.monotonic() - linked
+        time.sleep(0.01)
+    x.save(x.screenshot(), x.log_dir / "never-shown.png")
+    raise AssertionError(f"the picture never appeared ({'linked' if linked else 'never linked'})")
+
+
+def test_remote_viewer_joining_an_idle_scanout_sees_it(tmp_path):
+    """A scanout drawn once, then idle for 5 s: a viewer that connects now shows it. (Its first
+    frame was once stamped with the draw's capture time: spice-gtk dropped it as 5 s late and
+    showed black, and nothing followed.)"""
+    import mmap
+    import os
+
+    from spicestream.display.scanout import fourcc
+
+    stride = W * 4
+    fd = os.memfd_create("scanout")
+    os.ftruncate(fd, stride * H)
+    buffer = mmap.mmap(fd, stride * H)
+    pixels = np.frombuffer(buffer, np.uint8).reshape(H, W, 4)
+    server = spicestream.Server(port=0, width=W, height=H, video_codecs="gstreamer:h264").start()
+    try:
+        frame = base_frame()
+        paint_square_and_code(frame, 7)
+        pixels[:] = frame
+        server.display.gl_scanout(fd, W, H, stride, fourcc("XR24"))
+        server.display.gl_draw(0, 0, W, H, "only")
+        time.sleep(5)  # the producer is idle from here on
+        with xclient.XSession(1024, 768, log_dir=tmp_path) as x:
+            x.env["SPICE_DEBUG"] = "1"
+            x.start_viewer(f"spice://127.0.0.1:{server.port}")
+            waited = seconds_to_picture(x, server, lambda shot: shows_frame(shot, 7))
+        print(f"idle scanout shown {waited * 1000:.0f} ms after the display channel linked")
+        assert waited <= JOIN_BOUND_S
+    finally:
+        server.stop()
+        server.display.gl_release()
+        del pixels
+        buffer.close()
+        os.close(fd)
+
+
+def test_remote_viewer_joining_a_running_shared_stream_sees_it(tmp_path):
+    """A headless client keeps an H.264 encoder running; remote-viewer joins that encoder (one
+    encode for both) and shows a current frame: the joiner is owed a key frame at once."""
+    from spicestream.protocol.constants import DisplayCap
+    from spicestream.testing.client import TestClient
+
+    caps = (DisplayCap.SIZED_STREAM, DisplayCap.STREAM_REPORT, DisplayCap.MULTI_CODEC,
+            DisplayCap.CODEC_H264, DisplayCap.CODEC_MJPEG)
+    server = spicestream.Server(port=0, width=W, height=H, video_codecs="gstreamer:h264",
+                                streaming_video="all").start()
+    try:
+        with Player(server.display) as player, \
+                TestClient("127.0.0.1", server.port, display_caps=caps, decode_streams=False) as first:
+            first.wait_for(lambda c: len(c.stream_log) > 30, timeout=20, what="the first client's stream")
+            with xclient.XSession(1024, 768, log_dir=tmp_path) as x:
+                x.start_viewer(f"spice://127.0.0.1:{server.port}")
+                shown = []
+
+                def current(shot):
+                    mapping = locate(shot)
+                    k = framecode.read(shot, mapping[0], *CODE_AT) if mapping else None
+                    # A frame drawn within the last second, where that frame put its square.
+                    if k is not None and player.k - 30 <= k < player.k and shows_frame(shot, k):
+                        shown.append(k)
+                        return True
+                    return False
+
+                waited = seconds_to_picture(x, server, current)
+                streams = [c["streams"]["active"] for c in server.stats()["clients"]]
+        print(f"running stream shown {waited * 1000:.0f} ms after the display channel linked (frame {shown})")
+        assert waited <= JOIN_BOUND_S
+        assert len(streams) == 2 and all(s and s["shared_by"] == 2 for s in streams), streams
+    finally:
+        server.stop()

@@ -267,16 +267,15 @@ class StreamSender:
         if frame is None or not self.conn.can_send:
             return
         stream.held = None
-        r = stream.region
         now = time.monotonic()
-        stamp = self.playout.stamp(self.core.mm_ms(now))
-        if self.sized:
-            dest = Rect(top=r.y, left=r.x, bottom=r.y + r.height, right=r.x + r.width)
-            message = SERVER.DISPLAY_STREAM_DATA_SIZED(r.stream_id, stamp, frame.width,
-                                                       frame.height, dest, frame.data)
-        else:
-            message = SERVER.DISPLAY_STREAM_DATA(r.stream_id, stamp, frame.data)
-        self.conn.send(message)
+        mm = self.core.mm_ms(now)
+        stamp = self.playout.stamp(mm)
+        self.conn.send(self._data_message(stream.region, stamp, frame, frame.data))
+        if frame.follow_up is not None:
+            # Sent at once, in the same write: it lets the client show `frame` now.
+            self.conn.send(self._data_message(stream.region, self.playout.stamp(mm), frame,
+                                              frame.follow_up))
+            stream.ledger.follow_ups += 1
         self.conn.flush()
         stream.ledger.sent_one()
         stream.bytes_sent += len(frame.data)
@@ -287,6 +286,13 @@ class StreamSender:
                               "generation": meta[0] if meta else None, "written": now,
                               "size": len(frame.data), "key": frame.key,
                               "buffered": self.conn.transport.get_write_buffer_size()})
+
+    def _data_message(self, r: StreamRegion, stamp: int, frame: EncodedFrame, data: bytes):
+        if self.sized:
+            dest = Rect(top=r.y, left=r.x, bottom=r.y + r.height, right=r.x + r.width)
+            return SERVER.DISPLAY_STREAM_DATA_SIZED(r.stream_id, stamp, frame.width, frame.height,
+                                                    dest, data)
+        return SERVER.DISPLAY_STREAM_DATA(r.stream_id, stamp, data)
 
     # -- rate control ------------------------------------------------------------------------
     def control_tick(self, now: float) -> None:

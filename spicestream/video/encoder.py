@@ -35,6 +35,9 @@ class EncodedFrame:
     height: int
     encode_ms: float  # from encode() to the output callback
     copied_bytes: int  # bytes of the input copied in Python on the way in
+    # H.264: a skipped picture to send right after this frame, so that the client's parser
+    # releases this one at once (video/h264skip.py); None where there is none.
+    follow_up: bytes | None = None
 
 
 @dataclass

@@ -19,8 +19,10 @@ import time
 
 import numpy as np
 
+from .codec import Codec
 from .elements import ElementSpec
 from .encoder import EncodedFrame, EncoderError, VideoEncoder
+from .h264skip import SkipFrames
 
 log = logging.getLogger("spicestream.video")
 # Colour conversion costs about as much as x264 itself at 1080p (gstreamer-python.md); split
@@ -93,6 +95,7 @@ class GstEncoder(VideoEncoder):
         self._pending: collections.deque = collections.deque()  # (timestamp, started, copied)
         self._pending_lock = threading.Lock()
         self._frame_index = 0
+        self._skips = SkipFrames() if spec.codec == Codec.H264 else None
         self.fps = max(1, min(240, int(fps)))
         self._duration_ns = Gst.SECOND // self.fps
         try:
@@ -166,8 +169,12 @@ class GstEncoder(VideoEncoder):
         with self._pending_lock:
             entry = self._pending.popleft() if self._pending else [0, time.perf_counter(), 0]
         timestamp_ms, started, copied = entry
+        follow_up = None
+        if self._skips is not None:
+            self._skips.observe(data)
+            follow_up = self._skips.after()
         self._finished(EncodedFrame(data, timestamp_ms, key, self.width, self.height,
-                                    (time.perf_counter() - started) * 1000, copied))
+                                    (time.perf_counter() - started) * 1000, copied, follow_up))
         return Gst.FlowReturn.OK
 
     def _on_bus_error(self, bus, message) -> None:

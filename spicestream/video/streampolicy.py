@@ -114,6 +114,7 @@ class FrameLedger:
         self.produced = 0
         self.encoded = 0
         self.sent = 0
+        self.follow_ups = 0  # skipped pictures sent after frames (video/h264skip.py): not frames
         self.dropped: collections.Counter = collections.Counter()
         self._newest = -1  # newest generation seen
         self._waiting: str | None = None  # why the newest generation is not encoded yet
@@ -149,7 +150,8 @@ class FrameLedger:
 
     def summary(self) -> dict:
         return {"frames_produced": self.produced, "frames_encoded": self.encoded,
-                "frames_sent": self.sent, "dropped": dict(self.dropped),
+                "frames_sent": self.sent, "follow_ups_sent": self.follow_ups,
+                "dropped": dict(self.dropped),
                 "waiting": self._waiting}
 
 
