@@ -174,6 +174,56 @@ def test_video_stream_moves_in_the_browser(browser, codecs):
         server.stop()
 
 
+@pytest.mark.parametrize("codecs", ["spice:mjpeg", "gstreamer:vp8"])
+def test_bottom_up_scanout_shows_the_right_way_up_in_the_browser(browser, codecs, tmp_path):
+    """spice-html5 ignores the stream's top-down flag: a browser's encoder turns a bottom-up
+    scanout over itself, and the page shows the picture as the producer meant it."""
+    from spicestream.display.scanout import fourcc
+
+    stride = W * 4
+    fd = os.memfd_create("scanout")
+    frame = picture()  # the blue block is near the top, the red one near the bottom
+    os.pwrite(fd, frame[::-1].tobytes(), 0)  # stored bottom row first, as GL renders
+    server = spicestream.Server(port=0, width=W, height=H, web=True, video_codecs=codecs).start()
+    try:
+        server.display.gl_scanout(fd, W, H, stride, fourcc("XR24"), y0_top=False)
+        server.display.gl_draw(0, 0, W, H, 0)
+        page = browser.new_page(viewport={"width": 800, "height": 600})
+        page.goto(f"http://127.0.0.1:{server.port}/")
+        page.wait_for_selector("#spice-screen canvas", timeout=15000)
+        box = page.locator("#spice-screen canvas").first.bounding_box()
+        border = max(0, int(round((box["height"] - H) / 2)))
+
+        def shows_the_picture():
+            from io import BytesIO
+
+            from PIL import Image
+
+            # VP8 plays in a <video> laid over the canvas: screenshot the page there.
+            shot = np.asarray(Image.open(BytesIO(page.screenshot(clip=box))).convert("RGB"))
+            shot = shot[border : border + H, border : border + W]
+            rgb = frame[..., 2::-1].astype(int)
+            points = [(y, x) for y in range(8, H, 23) for x in range(8, W, 29)]
+            # JPEG/VP8 are lossy: judged on the share of points close to the picture.
+            close = sum(np.abs(shot[y, x].astype(int) - rgb[y, x]).max() <= 40 for y, x in points)
+            return shot.shape[:2] == (H, W) and close >= 0.9 * len(points)
+
+        deadline = time.monotonic() + 20
+        while not shows_the_picture():
+            if time.monotonic() > deadline:
+                page.screenshot(path=str(tmp_path / "page.png"))
+                raise AssertionError(f"the page never showed the scanout the right way up: {server.stats()}")
+            server.display.gl_draw(0, 0, W, H, 0)  # a producer that keeps drawing the same picture
+            time.sleep(0.3)
+        stream = server.stats()["clients"][0]["streams"]["active"]
+        assert stream is not None and stream["codec_entry"] == codecs
+        page.close()
+    finally:
+        server.stop()
+        server.display.gl_release()
+        os.close(fd)
+
+
 def test_web_needs_spice_html5_and_plain_gets_without_web_are_refused(tmp_path):
     with pytest.raises(WebError, match="spice-html5"):
         spicestream.Server(port=0, web=str(tmp_path))

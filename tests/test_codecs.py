@@ -160,3 +160,30 @@ def test_x265_encoders_do_not_leak_when_rebuilt():
     per_rebuild = result["heap_growth_bytes"] / result["rebuilds"]
     print(f"\nx265 rebuilds: {per_rebuild / 1024:.1f} KiB of heap each")
     assert per_rebuild < 5 * 1024, result
+
+
+@pytest.mark.parametrize("entry", [VP8, FALLBACK], ids=str)
+def test_a_flipping_encoder_turns_the_picture_over(entry):
+    """What a browser gets for a bottom-up scanout (spice-html5 ignores the top-down flag)."""
+    import numpy as np
+
+    from spicestream.testing.decoder import Gst, StreamDecoder
+    from spicestream.video.encoder import encode_sync
+
+    if Gst is None:
+        pytest.skip("needs GStreamer")
+    frame = np.zeros((240, 320, 4), np.uint8)
+    frame[:60, :, :3] = 255  # white along the top
+    codecs = VideoCodecs(str(entry))
+    for flip, top, bottom in ((False, 255, 0), (True, 0, 255)):
+        encoder = codecs.create(entry, 320, 240, 2_000_000, lambda f: None, print, 30, "BGRx", flip)
+        try:
+            data = encode_sync(encoder, frame, 1).data
+        finally:
+            encoder.close()
+        decoder = StreamDecoder(entry.codec)
+        try:
+            picture = decoder.decode(data)
+        finally:
+            decoder.close()
+        assert abs(int(picture[10, 10, 0]) - top) < 20 and abs(int(picture[230, 10, 0]) - bottom) < 20

@@ -118,8 +118,10 @@ class StreamSender:
         dest = Rect(top=region.y, left=region.x, bottom=region.y + region.height,
                     right=region.x + region.width)
         scanout = self.display.scanout
-        # A bottom-up scanout goes out as it lies; the flag tells spice-gtk to flip it.
-        flags = STREAM_TOP_DOWN if scanout is None or scanout.y0_top else 0
+        # A bottom-up scanout goes out as it lies and the flag tells spice-gtk to flip it;
+        # spice-html5 ignores the flag, so a browser's encoder flips it (_flip_rows).
+        top_down = scanout is None or scanout.y0_top or self._flip_rows()
+        flags = STREAM_TOP_DOWN if top_down else 0
         if scanout is not None:
             self.display.draws.add_consumer(self)
         self.conn.send(SERVER.DISPLAY_STREAM_CREATE(
@@ -138,6 +140,12 @@ class StreamSender:
         scanout = self.display.scanout
         return scanout.gst_format if scanout is not None else "BGRx"
 
+    def _flip_rows(self) -> bool:
+        """Whether this client's encoder turns a bottom-up scanout the right way up: only for
+        browsers (spice-html5 draws streams top-down whatever the flag says)."""
+        scanout = self.display.scanout
+        return scanout is not None and not scanout.y0_top and self.conn.ws is not None
+
     def _create_encoder(self, entry: CodecEntry, region: StreamRegion, bit_rate: int, fps: int,
                         pixel_format: str = "BGRx", shared: bool = True) -> Subscription:
         """Join the encoder other clients use for this region and codec, or start one."""
@@ -147,11 +155,13 @@ class StreamSender:
         def on_error(message: str) -> None:  # any thread
             self._loop.call_soon_threadsafe(self._encoder_failed, sub, message)
 
+        flip = self._flip_rows()
+
         def make(hub_on_frame, hub_on_error) -> VideoEncoder:
             return self.codecs.create(entry, region.width, region.height, bit_rate, hub_on_frame,
-                                      hub_on_error, fps, pixel_format)
+                                      hub_on_error, fps, pixel_format, flip)
 
-        key = (entry, region.stream_id, region.rect, pixel_format)
+        key = (entry, region.stream_id, region.rect, pixel_format, flip)
         sub = self.core.encoders.subscribe(key, make, on_frame, on_error, shared=shared)
         return sub
 

@@ -45,8 +45,10 @@ class VideoCodecs:
         return choose_codec(self.entries, display_caps, self.usable, preferred, failed)
 
     def create(self, entry: CodecEntry, width: int, height: int, bit_rate: int,
-               on_frame, on_error, fps: int = 30, pixel_format: str = "BGRx") -> VideoEncoder:
-        """Create an encoder for `entry`, trying its usable elements in order."""
+               on_frame, on_error, fps: int = 30, pixel_format: str = "BGRx",
+               flip: bool = False) -> VideoEncoder:
+        """Create an encoder for `entry`, trying its usable elements in order; with `flip`, it
+        turns its input upside down (a bottom-up scanout for a client that ignores the flag)."""
         errors = []
         for result in self.elements_for(entry):
             try:
@@ -54,11 +56,11 @@ class VideoCodecs:
                     from .mjpeg import MjpegEncoder
 
                     return MjpegEncoder(entry.codec, width, height, bit_rate, on_frame, on_error,
-                                        pixel_format=pixel_format)
+                                        pixel_format=pixel_format, flip=flip)
                 from .gst_encoder import GstEncoder
 
                 return GstEncoder(BY_NAME[result.element], width, height, bit_rate, on_frame, on_error,
-                                  fps, pixel_format)
+                                  fps, pixel_format, flip)
             except (EncoderError, RuntimeError, ValueError) as exc:
                 errors.append(f"{result.element}: {exc}")
                 log.warning("cannot create %s encoder: %s", result.element, exc)

@@ -67,13 +67,15 @@ def element_exists(name: str) -> bool:
 
 
 def pipeline_description(spec: ElementSpec, width: int, height: int, fps: int,
-                         pixel_format: str = "BGRx") -> str:
+                         pixel_format: str = "BGRx", flip: bool = False) -> str:
     # The caps carry a real frame rate: with framerate=0/1 x264enc holds every frame back
     # until the next one arrives (one frame of latency), and rate control needs the rate.
     caps_out = f" ! {spec.output_caps}" if spec.output_caps else ""
+    # (videoflip's older `method` property is accepted and ignored here: video-direction.)
     return (
         f"appsrc name=src is-live=true format=time do-timestamp=false block=false "
         f"caps=video/x-raw,format={pixel_format},width={width},height={height},framerate={fps}/1 "
+        f"{'! videoflip video-direction=vert ' if flip else ''}"
         f"! videoconvert n-threads={CONVERT_THREADS} ! video/x-raw,format={spec.input_format} "
         f"! queue max-size-buffers=2 max-size-bytes=0 max-size-time=0 "
         f"! {spec.element} name=enc {spec.properties}{caps_out} "
@@ -85,7 +87,7 @@ class GstEncoder(VideoEncoder):
     backend = "gstreamer"
 
     def __init__(self, spec: ElementSpec, width: int, height: int, bit_rate: int,
-                 on_frame, on_error, fps: int = 30, pixel_format: str = "BGRx"):
+                 on_frame, on_error, fps: int = 30, pixel_format: str = "BGRx", flip: bool = False):
         if Gst is None:
             raise EncoderError(available()[1])
         if spec.output_caps and (width % 2 or height % 2):
@@ -100,7 +102,7 @@ class GstEncoder(VideoEncoder):
         self._duration_ns = Gst.SECOND // self.fps
         try:
             self.pipeline = Gst.parse_launch(pipeline_description(spec, width, height, self.fps,
-                                                                  pixel_format))
+                                                                  pixel_format, flip))
         except GLib.Error as exc:
             raise EncoderError(f"{spec.element}: {exc}") from None
         self.src = self.pipeline.get_by_name("src")

@@ -41,7 +41,7 @@ class MjpegEncoder(VideoEncoder):
     max_in_flight = 1
 
     def __init__(self, codec: Codec, width: int, height: int, bit_rate: int, on_frame, on_error,
-                 quality: int = DEFAULT_QUALITY, pixel_format: str = "BGRx"):
+                 quality: int = DEFAULT_QUALITY, pixel_format: str = "BGRx", flip: bool = False):
         if codec != Codec.MJPEG:
             raise ValueError("the built-in encoder only does MJPEG")
         if simplejpeg is None:
@@ -50,6 +50,7 @@ class MjpegEncoder(VideoEncoder):
             raise ValueError(f"the built-in encoder cannot read {pixel_format}")
         super().__init__(codec, width, height, bit_rate, on_frame, on_error, pixel_format)
         self.colorspace = COLORSPACES[pixel_format]
+        self.flip = flip
         self.quality = quality
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="mjpeg-encoder", daemon=True)
@@ -77,6 +78,8 @@ class MjpegEncoder(VideoEncoder):
     def _encode(self, frame: np.ndarray, scanout) -> tuple[bytes, int]:
         # A DMA-BUF is mapped and read in place; its bytes count as read into system memory.
         copied = frame.nbytes if scanout is not None else 0
+        if self.flip:
+            frame = frame[::-1]  # a view: the copy below makes it forward rows
         if frame.strides[1:] != (4, 1) or frame.strides[0] < 0:
             frame = np.ascontiguousarray(frame)  # simplejpeg reads forward, packed pixels
             copied += frame.nbytes
