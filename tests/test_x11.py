@@ -17,14 +17,14 @@ from spicestream.protocol.messages import SERVER
 from spicestream.testing.client import TestClient
 
 import xclient
-from test_remote_viewer_streams import base_frame, locate
+from test_remote_viewer_streams import JOIN_BOUND_S, base_frame, locate, seconds_to_picture
 
 pytestmark = pytest.mark.skipif(
     bool(xclient.missing_tools(("Xvfb", "xdotool", "import", "xterm", "xsetroot"))),
     reason="needs Xvfb, xdotool, imagemagick, xterm, xsetroot")
 pytest.importorskip("xcffib")
 
-from spicestream.sources.x11 import X11Error, X11Source  # noqa: E402
+from spicestream.sources.x11 import RING, X11Error, X11Source  # noqa: E402
 
 W, H = 640, 480
 
@@ -32,10 +32,11 @@ W, H = 640, 480
 class Served:
     """A served X desktop + spicestream exporting it from a thread."""
 
-    def __init__(self, tmp_path, view_only=False, xvfb_args=()):
+    def __init__(self, tmp_path, view_only=False, xvfb_args=(), **server_options):
         self.x = xclient.XSession(W, H, log_dir=tmp_path / "served")
         self.x.start()
-        self.server = spicestream.Server(port=0, width=64, height=64, streaming_video="off").start()
+        options = {"streaming_video": "off", **server_options}
+        self.server = spicestream.Server(port=0, width=64, height=64, **options).start()
         self.source = X11Source(self.x.display, self.server, view_only=view_only, fps=30)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.source.run, args=(self.stop,), daemon=True)
@@ -65,7 +66,8 @@ class Picture:
 
         self.conn = xcffib.connect(display=display)
         screen = self.conn.get_setup().roots[0]
-        window, gc = self.conn.generate_id(), self.conn.generate_id()
+        self.window = window = self.conn.generate_id()
+        gc = self.conn.generate_id()
         self.conn.core.CreateWindow(screen.root_depth, window, screen.root, 0, 0, W, H, 0,
                                     xp.WindowClass.InputOutput, screen.root_visual,
                                     xp.CW.OverrideRedirect, [1])
@@ -118,6 +120,70 @@ def test_remote_viewer_shows_the_x_desktop(served, tmp_path):
                 got = shot[int(sy), int(sx)].astype(int)
                 want = served_shot[y, x].astype(int)
                 assert np.abs(got - want).max() <= 12, ((x, y), got, want)
+
+
+def test_only_damaged_rows_are_captured_and_every_frame_stays_whole(served, tmp_path):
+    """Small changes are read from the X server as the rows they touch, into a ring whose
+    segments each catch up on what they missed; what a client ends with is still exactly
+    the screen, after every change."""
+    import xcffib.xproto as xp
+
+    picture = show_picture(served.x, markers_rgb(), tmp_path)
+    conn = picture.conn
+    with TestClient("127.0.0.1", served.server.port) as client:
+        client.wait_for(lambda c: c.frame is not None and c.frame.shape[:2] == (H, W), what="the desktop")
+        gc = conn.generate_id()
+        conn.core.CreateGC(gc, picture.window, xp.GC.Foreground, [0x00FF8000])
+
+        def fill(x, y, w, h):
+            conn.core.PolyFillRectangle(picture.window, gc, 1, [xp.RECTANGLE.synthetic(x, y, w, h)])
+            conn.core.GetInputFocus().reply()  # drawn before we go on
+            time.sleep(0.1)  # over a capture tick (1/30 s): one change per frame
+
+        for _ in range(RING):  # every segment of the ring catches up on the whole first picture
+            fill(0, 0, 1, 1)
+        rows_before = served.source.rows_captured
+        for k in range(12):  # a small block moves down and right
+            fill(40 + 20 * k, 30 + 25 * k, 24, 16)
+
+        def same(c):
+            shot = served.x.screenshot()
+            return np.array_equal(c.frame[..., 2::-1], shot)
+        client.wait_for(same, timeout=20, what="the client's picture to equal the X display after the changes")
+        rows = served.source.rows_captured - rows_before
+        # Twelve 16-row changes, each read into every segment of the ring as it catches up:
+        # at most 12 * 16 * RING rows, where whole-screen captures would read 12 * H.
+        assert 0 < rows <= 12 * 16 * RING + RING, rows
+
+
+def test_remote_viewer_joining_a_desktop_at_rest_sees_it(tmp_path):
+    """A desktop left alone for 5 s, served with video streaming on: a viewer that connects
+    shows it (exact pixels at a grid of points) at once."""
+    s = Served(tmp_path, streaming_video="filter", video_codecs="gstreamer:h264")
+    try:
+        picture = show_picture(s.x, markers_rgb(), tmp_path)  # noqa: F841 (keeps the window)
+        served_shot = s.x.screenshot()
+        time.sleep(5)
+        with xclient.XSession(1024, 768, log_dir=tmp_path / "client") as viewer_x:
+            viewer_x.start_viewer(f"spice://127.0.0.1:{s.server.port}")
+
+            def shows_the_desktop(shot):
+                mapping = locate(shot)
+                if mapping is None:
+                    return False
+                to_screen = mapping[0]
+                for y in range(8, H, 37):
+                    for x in range(8, W, 41):
+                        sx, sy = to_screen(x + 0.5, y + 0.5)
+                        if np.abs(shot[int(sy), int(sx)].astype(int) - served_shot[y, x].astype(int)).max() > 12:
+                            return False
+                return True
+
+            waited = seconds_to_picture(viewer_x, s.server, shows_the_desktop)
+        print(f"desktop at rest shown {waited * 1000:.0f} ms after the display channel linked")
+        assert waited <= JOIN_BOUND_S
+    finally:
+        s.close()
 
 
 def test_typing_in_remote_viewer_reaches_an_xterm(served, tmp_path):
@@ -205,3 +271,12 @@ def test_an_absurd_pointer_position_is_clamped_to_the_screen(served, caplog):
 
             xclient.wait_until(where, 10, 0.1, f"the pointer at {expect}")
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], caplog.text
+
+
+def test_damaged_rows_merge_into_bands():
+    from spicestream.sources.x11 import damaged_rows
+
+    assert damaged_rows(None, 480) == [(0, 480)]
+    assert damaged_rows([], 480) == []
+    rects = [(0, 10, 5, 5), (100, 12, 5, 10), (0, 40, 640, 2), (3, 470, 9, 50), (0, -5, 3, 3), (1, 2, 3, 0)]
+    assert damaged_rows(rects, 480) == [(10, 22), (40, 42), (470, 480)]
