@@ -280,3 +280,25 @@ def test_damaged_rows_merge_into_bands():
     assert damaged_rows([], 480) == []
     rects = [(0, 10, 5, 5), (100, 12, 5, 10), (0, 40, 640, 2), (3, 470, 9, 50), (0, -5, 3, 3), (1, 2, 3, 0)]
     assert damaged_rows(rects, 480) == [(10, 22), (40, 42), (470, 480)]
+
+
+def test_capture_pacer_allows_fps_on_average_and_absorbs_jitter():
+    from spicestream.sources.x11 import CapturePacer
+
+    pacer = CapturePacer(30)
+    now = 0.0
+    pacer.captured(now)
+    # A producer at 30 fps with +-8 ms of jitter: every draw is captured at once.
+    for k in range(1, 300):
+        now = k / 30 + (0.008 if k % 2 else -0.008)
+        assert pacer.delay(now) == 0.0, k
+        pacer.captured(now)
+    # A producer drawing as fast as it can gets 30 captures a second, not more.
+    captures, now = 0, 100.0
+    while now < 110.0:
+        wait = pacer.delay(now)
+        if wait == 0.0:
+            pacer.captured(now)
+            captures += 1
+        now += max(wait, 0.001)
+    assert 299 <= captures <= 302, captures

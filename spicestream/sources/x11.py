@@ -74,6 +74,32 @@ class ShmSegment:
         _libc.shmdt(ctypes.c_void_p(self.addr))
 
 
+class CapturePacer:
+    """At most `fps` captures a second on average, with a burst of two: a draw that comes a
+    little early (a producer's jitter) is still captured at once, not merged with the next."""
+
+    BURST = 2.0
+
+    def __init__(self, fps: float):
+        self.period = 1.0 / fps
+        self.tokens = self.BURST
+        self.at: float | None = None
+
+    def _refill(self, now: float) -> None:
+        if self.at is not None:
+            self.tokens = min(self.BURST, self.tokens + (now - self.at) / self.period)
+        self.at = now
+
+    def delay(self, now: float) -> float:
+        """Seconds to wait before the next capture (0: capture now)."""
+        self._refill(now)
+        return 0.0 if self.tokens >= 1.0 else (1.0 - self.tokens) * self.period
+
+    def captured(self, now: float) -> None:
+        self._refill(now)
+        self.tokens = max(0.0, self.tokens - 1.0)
+
+
 def damaged_rows(rects: list | None, height: int) -> list[tuple[int, int]]:
     """The row bands [top, bottom) that `rects` (x, y, w, h) touch, merged; None: all rows."""
     if rects is None:
@@ -172,12 +198,17 @@ class X11Source:
         self.display.update(frame, damage)
 
     def run(self, stop: threading.Event) -> None:
-        """Capture damaged frames at up to `fps` until `stop` is set."""
+        """Capture each change as soon as the X server reports it, at most `fps` a second
+        (CapturePacer), until `stop` is set. Waiting for the next tick of a fixed clock would
+        add up to a tick of latency and merge two draws that fall in one tick."""
+        import select
+
         self.capture(None)  # the first frame whole
-        period = 1.0 / self.fps
+        pacer = CapturePacer(self.fps)
+        pacer.captured(time.monotonic())
+        fd = self.conn.get_file_descriptor()
+        damage, resized, cursor = [], None, False
         while not stop.is_set():
-            started = time.monotonic()
-            damage, resized, cursor = [], None, False
             while (event := self.conn.poll_for_event()) is not None:
                 if isinstance(event, self.ext.damage.NotifyEvent):
                     a = event.area
@@ -186,15 +217,24 @@ class X11Source:
                     resized = (event.width, event.height)
                 elif isinstance(event, self.ext.xfixes.CursorNotifyEvent):
                     cursor = True
-            if resized and resized != (self.width, self.height):
-                with self.lock:
-                    self._allocate(*resized)
-                self.capture(None)
-            elif damage:
-                self.capture(damage)
             if cursor:
                 self._update_cursor()
-            stop.wait(max(0.0, period - (time.monotonic() - started)))
+                cursor = False
+            if damage or resized:
+                delay = pacer.delay(time.monotonic())
+                if delay > 0:
+                    stop.wait(delay)  # then gather what else changed meanwhile
+                    continue
+                if resized and resized != (self.width, self.height):
+                    with self.lock:
+                        self._allocate(*resized)
+                    self.capture(None)
+                elif damage:
+                    self.capture(damage)
+                pacer.captured(time.monotonic())
+                damage, resized = [], None
+                continue
+            select.select([fd], [], [], 0.1)  # an X event, or a look at `stop`
 
     # -- cursor ------------------------------------------------------------------------------------
     def _update_cursor(self) -> None:
