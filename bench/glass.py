@@ -1,7 +1,7 @@
-"""Glass-to-glass latency with a real client: display.update -> picture on remote-viewer's screen; prints JSON.
+"""Glass-to-glass latency, real client: display.update -> picture on remote-viewer's screen; prints JSON.
 
     .venv/bin/python bench/glass.py [--seconds 10] [--cases h264:640x360:30,lossless:1280x720:60,...]
-                                    [--capture spin|damage] [--grab-interval-ms 0]
+                                    [--capture spin|damage] [--grab-interval-ms 0] [--repeat 1] [--per-frame]
 
 The application draws numbered frames through the public API (`Server(...).start()`,
 `display.update(frame, damage)`) at a steady `fps`, paced by deadline: every frame is moving
@@ -27,8 +27,16 @@ was drawn, is never seen). Cases: codec:WxH:fps, codec one of h264 (gstreamer:h2
 streaming_video="all" and full-screen damage, as a video player would.
 
 "Glass" here is Xvfb's framebuffer: no compositor, no vsync, no display scan-out. On this
-2-core machine the spinning capturer itself takes most of a core from the server, the client
-and Xvfb; `capture.cpu_share` says how much (compare with `--capture damage`).
+2-core machine the spinning capturer itself takes most of a core (and Xvfb ~0.2 more) from
+the server and the client; `cpu_cores` gives, per case, the cores used by this process (server
+and producer), remote-viewer, the client's Xvfb, the capturer, and everything else on the
+machine (`contended`: over 0.15 cores; before each case the benchmark waits, up to
+`--quiet-wait` s, for the machine to go quiet). Compare with `--capture damage`: VP8 here
+suffers badly from the spinning capturer.
+
+Within one run a stream's latency is steady to about a millisecond, but from run to run its
+level moves by up to ~17 ms (it seems locked to a ~60 Hz tick on the client's side whose phase
+against the producer is chance): compare stream cases over several runs (`--repeat`), not one.
 """
 
 from __future__ import annotations
@@ -79,8 +87,11 @@ def code_bits(k: int) -> list[int]:
     return [(value >> i) & 1 for i in range(CELLS)]
 
 
-def strip_origin(width: int) -> tuple[int, int]:
-    return ((width - STRIP_W) // 2) // 16 * 16, 16
+def strip_origins(width: int, height: int) -> list[tuple[int, int]]:
+    """Top-left corners of the two strips: one near the top of the display, one near the
+    bottom (a frame is shown when both are); on 16 px boundaries, clear of the markers."""
+    x = ((width - STRIP_W) // 2) // 16 * 16
+    return [(x, 16), (x, (height - 16 - STRIP_H) // 16 * 16)]
 
 
 def marker_origins(width: int, height: int) -> dict[str, tuple[int, int]]:
@@ -134,11 +145,11 @@ def locate(shot: np.ndarray, width: int, height: int):
     return sx, sy, x0 - (MARKER - 1) / 2 * sx, y0 - (MARKER - 1) / 2 * sy  # pixel centres
 
 
-def strip_geometry(mapping, width: int) -> dict:
-    """The screen rectangle the capturer grabs (3 rows through the cell centres, from the first
-    cell's centre patch to the last's) and, inside it, the columns of each cell's patch."""
+def strip_geometry(mapping, x0: int, y0: int) -> dict:
+    """The screen rectangle the capturer grabs for the strip at surface (x0, y0) (3 rows through
+    the cell centres, from the first cell's centre patch to the last's) and, inside it, the
+    columns of each cell's patch."""
     sx, sy, ox, oy = mapping
-    x0, y0 = strip_origin(width)
     centres = [ox + (x0 + i * CELL + (CELL - 1) / 2) * sx for i in range(CELLS)]
     cy = int(round(oy + (y0 + (CELL - 1) / 2) * sy))
     left = int(round(centres[0])) - PATCH // 2
@@ -164,13 +175,17 @@ def capture_child(config: dict) -> None:
     import ctypes
 
     import xcffib
+    import xcffib.damage  # extensions must be imported before connecting: their events register then
     import xcffib.shm
     import xcffib.xproto
 
     conn = xcffib.connect(display=config["display"])
     root = conn.get_setup().roots[0].root
-    x, y, w, h = config["x"], config["y"], config["width"], config["height"]
-    size = w * h * 4
+    strips = config["strips"]
+    offsets, size = [], 0
+    for strip in strips:
+        offsets.append(size)
+        size += strip["width"] * strip["height"] * 4
     libc = ctypes.CDLL(None, use_errno=True)
     libc.shmat.restype = ctypes.c_void_p
     libc.shmat.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
@@ -184,24 +199,33 @@ def capture_child(config: dict) -> None:
         shm.AttachChecked(seg, shmid, False).check()
     finally:
         libc.shmctl(shmid, 0, None)  # IPC_RMID: freed when both sides detach
-    pixels = np.frombuffer((ctypes.c_ubyte * size).from_address(addr), np.uint8).reshape(h, w, 4)
-    columns = np.array(config["columns"], np.intp)
+    memory = np.frombuffer((ctypes.c_ubyte * size).from_address(addr), np.uint8)
     zpixmap = xcffib.xproto.ImageFormat.ZPixmap
     get_image = shm.GetImage
     mono = time.monotonic
-    scale = 1.0 / (h * PATCH * 3)
+    jobs = []  # (request arguments, pixels, patch columns, 1 / samples per cell)
+    for strip, offset in zip(strips, offsets):
+        x, y, w, h = strip["x"], strip["y"], strip["width"], strip["height"]
+        pixels = memory[offset:offset + w * h * 4].reshape(h, w, 4)
+        jobs.append(((root, x, y, w, h, 0xFFFFFFFF, zpixmap, seg, offset), pixels,
+                     np.array(strip["columns"], np.intp), 1.0 / (h * PATCH * 3)))
 
-    def grab() -> tuple[int | None, float, float]:
+    def grab() -> tuple[list[int | None], float, float]:
+        """Both strips in one round trip (two requests, then both replies)."""
         t_a = mono()
-        get_image(root, x, y, w, h, 0xFFFFFFFF, zpixmap, seg, 0).reply()
+        cookies = [get_image(*request) for request, _, _, _ in jobs]
+        for cookie in cookies:
+            cookie.reply()
         t_b = mono()
-        levels = pixels[:, columns, :3].reshape(h, CELLS, PATCH, 3).sum(axis=(0, 2, 3),
-                                                                         dtype=np.int64) * scale
-        return read_code(levels), (t_a + t_b) / 2, t_b - t_a
+        codes = []
+        for _, pixels, columns, scale in jobs:
+            levels = pixels[:, columns, :3].reshape(pixels.shape[0], CELLS, PATCH, 3).sum(
+                axis=(0, 2, 3), dtype=np.int64) * scale
+            codes.append(read_code(levels))
+        return codes, (t_a + t_b) / 2, t_b - t_a
 
     damage = None
     if config["mode"] == "damage":
-        import xcffib.damage
         damage = conn(xcffib.damage.key)
         damage.QueryVersion(1, 1).reply()
         damage.Create(conn.generate_id(), root, xcffib.damage.ReportLevel.RawRectangles)
@@ -210,7 +234,7 @@ def capture_child(config: dict) -> None:
     print("ready", flush=True)
     t_end = float(sys.stdin.readline().split()[1])
     interval = config["interval"]
-    transitions, last = [], None
+    transitions, last = [], [None] * len(strips)
     grabs = unreadable = 0
     grab_time = 0.0
     events = hits = 0
@@ -222,7 +246,9 @@ def capture_child(config: dict) -> None:
             while (event := conn.poll_for_event()) is not None:
                 events += 1
                 a = getattr(event, "area", None)
-                if a is not None and a.x < x + w and x < a.x + a.width and a.y < y + h and y < a.y + a.height:
+                if a is not None and any(
+                        r["x"] < a.x + a.width and a.x < r["x"] + r["width"]
+                        and r["y"] < a.y + a.height and a.y < r["y"] + r["height"] for r in strips):
                     hit = True
             if not hit:
                 left = t_end - mono()
@@ -233,14 +259,15 @@ def capture_child(config: dict) -> None:
             hits += 1
         elif mono() >= t_end:
             break
-        k, t, dt = grab()
+        codes, t, dt = grab()
         grabs += 1
         grab_time += dt
-        if k is None:
-            unreadable += 1
-        elif k != last:
-            transitions.append([k, t])
-            last = k
+        for i, k in enumerate(codes):
+            if k is None:
+                unreadable += 1
+            elif k != last[i]:
+                transitions.append([i, k, t])
+                last[i] = k
         if interval:
             time.sleep(interval)
         if damage is not None and mono() >= t_end:
@@ -256,8 +283,8 @@ def capture_child(config: dict) -> None:
 class Capturer:
     """The capture child, started and made ready before the measurement window opens."""
 
-    def __init__(self, x, geometry: dict, mode: str, interval_ms: float):
-        config = dict(geometry, display=x.display, mode=mode, interval=interval_ms / 1000)
+    def __init__(self, x, strips: list[dict], mode: str, interval_ms: float):
+        config = dict(strips=strips, display=x.display, mode=mode, interval=interval_ms / 1000)
         self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--capture-child",
                                       json.dumps(config)], env=x.env, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True)
@@ -279,6 +306,55 @@ class Capturer:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(5)
+
+
+# -- CPU accounting: ours, and everybody else's (a benchmark running beside this one) ---------------
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def busy_ticks() -> int:
+    """Busy CPU time of the whole machine (all cores), in clock ticks, from /proc/stat."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in f.readline().split()[1:9])
+    return user + nice + system + irq + softirq + steal
+
+
+def process_ticks(pid: int) -> int:
+    """utime + stime of one process (all its threads), in clock ticks; 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0
+    return int(fields[11]) + int(fields[12])
+
+
+class CpuMeter:
+    """CPU used over a window by named processes, and by the rest of the machine."""
+
+    def __init__(self, pids: dict[str, int]):
+        self.pids = pids
+        self.start = (time.monotonic(), busy_ticks(), {n: process_ticks(p) for n, p in pids.items()})
+
+    def shares(self) -> dict:
+        t0, busy0, own0 = self.start
+        wall = time.monotonic() - t0
+        own = {n: (process_ticks(p) - own0[n]) / TICK / wall for n, p in self.pids.items()}
+        other = (busy_ticks() - busy0) / TICK / wall - sum(own.values())
+        return {**{n: round(v, 2) for n, v in own.items()}, "everything_else": round(max(0.0, other), 2)}
+
+
+def wait_for_quiet(limit_s: float, threshold: float = 0.25) -> float:
+    """Wait (up to `limit_s`) until the rest of the machine uses under `threshold` cores over a
+    second; return the seconds waited."""
+    started = time.monotonic()
+    while True:
+        t, busy = time.monotonic(), busy_ticks()
+        time.sleep(1.0)
+        load = (busy_ticks() - busy) / TICK / (time.monotonic() - t)
+        if load < threshold or time.monotonic() - started >= limit_s:
+            return round(time.monotonic() - started - 1.0, 1)
+        print(f"waiting for a quiet machine ({load:.2f} cores busy elsewhere)", file=sys.stderr, flush=True)
 
 
 # -- one case --------------------------------------------------------------------------------------
@@ -308,7 +384,7 @@ def run_case(codec: str, width: int, height: int, fps: int, seconds: float, mode
     warnings = Warnings()
     logging.getLogger("spicestream").addHandler(warnings)
     bases = base_frames(width, height)
-    sx0, sy0 = strip_origin(width)
+    origins = strip_origins(width, height)
     damage = [(0, 0, width, height)]
     times: list[float] = []
     spent: list[float] = []
@@ -317,13 +393,15 @@ def run_case(codec: str, width: int, height: int, fps: int, seconds: float, mode
         def draw(self, k: int) -> None:
             t = time.monotonic()
             frame = bases[k % len(bases)].copy()
-            paint_code(frame, k, sx0, sy0)
+            for x0, y0 in origins:
+                paint_code(frame, k, x0, y0)
             times.append(time.monotonic())
             server.display.update(frame, damage)
             spent.append(time.monotonic() - t)
 
     still = bases[0].copy()
-    paint_code(still, 0, sx0, sy0)
+    for x0, y0 in origins:
+        paint_code(still, 0, x0, y0)
     server.display.update(still, damage)
     producer = Producer(fps)
     capturer = None
@@ -335,16 +413,19 @@ def run_case(codec: str, width: int, height: int, fps: int, seconds: float, mode
             x.run("xdotool", "mousemove", str(SCREEN[0] - 1), str(SCREEN[1] - 1), check=False)
             mapping = xclient.wait_until(lambda: locate(x.screenshot(), width, height), 20, 0.3,
                                          "the display on the screen")
-            geometry = strip_geometry(mapping, width)
-            capturer = Capturer(x, geometry, mode, interval_ms)
+            strips = [strip_geometry(mapping, x0, y0) for x0, y0 in origins]
+            capturer = Capturer(x, strips, mode, interval_ms)
             with producer:
                 if streaming == "all":
                     xclient.wait_until(lambda: active_stream(server, fps), 20, 0.1, "a stream with frames")
                 time.sleep(0.5)
                 t0 = time.monotonic()
+                meter = CpuMeter({"server_and_producer": os.getpid(), "remote_viewer": viewer.pid,
+                                  "client_xvfb": x.xvfb.pid, "capturer": capturer.proc.pid})
                 capturer.go(t0 + seconds + 1.0)
                 time.sleep(seconds)
                 stats = server.stats()
+                cpu = meter.shares()
                 time.sleep(1.0)
                 seen = capturer.result(timeout=15)
             window_geometry = x.geometry(window)
@@ -355,8 +436,11 @@ def run_case(codec: str, width: int, height: int, fps: int, seconds: float, mode
         server.stop()
     client_log = (case_dir / "remote-viewer.log")
     client_lines = client_log.read_text(errors="replace").splitlines() if client_log.exists() else []
-    return summarise(codec, width, height, fps, seconds, mode, t0, times, spent, seen, stats, mapping,
-                     window_geometry, warnings.messages, client_lines)
+    row = summarise(codec, width, height, fps, seconds, mode, t0, times, spent, seen, stats, mapping,
+                    window_geometry, warnings.messages, client_lines)
+    row["cpu_cores"] = cpu
+    row["contended"] = cpu["everything_else"] > 0.15
+    return row
 
 
 def active_stream(server, min_frames: int = 0):
@@ -367,22 +451,27 @@ def active_stream(server, min_frames: int = 0):
 
 def summarise(codec, width, height, fps, seconds, mode, t0, times, spent, seen, stats, mapping,
               window_geometry, warnings, client_lines) -> dict:
-    first: dict[int, float] = {}
+    firsts: list[dict[int, float]] = [{}, {}]  # per strip (top, bottom): frame -> first sighting
     impossible = out_of_order = 0
-    highest = -1
-    for v, t in seen["transitions"]:
+    highest = [-1, -1]
+    for i, v, t in seen["transitions"]:
         before = bisect.bisect_right(times, t)  # frames 0 .. before-1 were updated by then
         if before - 1 < v:
             impossible += 1  # a number not yet drawn: a misread that passed the check
             continue
         k = v + MODULUS * ((before - 1 - v) // MODULUS)
-        if k < highest:
+        if k < highest[i]:
             out_of_order += 1
-        highest = max(highest, k)
-        first.setdefault(k, t)
+        highest[i] = max(highest[i], k)
+        firsts[i].setdefault(k, t)
+    # A frame is shown once both its top and its bottom strip have been on the screen.
+    first = {k: max(t, firsts[1][k]) for k, t in firsts[0].items() if k in firsts[1]}
     window = [k for k, t in enumerate(times) if t0 + 1.0 <= t < t0 + seconds]
     shown = [k for k in window if k in first]
+    partly = sum((k in firsts[0]) != (k in firsts[1]) for k in window)
     latency = np.array([(first[k] - times[k]) * 1000 for k in shown]) if shown else np.zeros(1)
+    top = np.array([(firsts[0][k] - times[k]) * 1000 for k in window if k in firsts[0]] or [0.0])
+    spread = np.array([(firsts[1][k] - firsts[0][k]) * 1000 for k in shown] or [0.0])
     gaps, run = [], 0
     for k in window:
         if k in first:
@@ -403,6 +492,10 @@ def summarise(codec, width, height, fps, seconds, mode, t0, times, spent, seen, 
         "shown_share": round(len(shown) / max(1, len(window)), 3),
         "latency_ms": {"p50": pct(latency, 50), "p95": pct(latency, 95),
                        "max": round(float(latency.max()), 1), "min": round(float(latency.min()), 1)},
+        "top_strip_latency_ms": {"p50": pct(top, 50), "p95": pct(top, 95)},
+        "bottom_minus_top_ms": {"p50": pct(spread, 50), "max": round(float(spread.max()), 1)},
+        "frames_shown_in_one_strip_only": partly,
+        "per_frame_ms": [round(float(v), 1) for v in latency] if shown else [],
         "never_shown_runs": {"count": len(gaps), "longest": max(gaps, default=0)},
         "out_of_order_sightings": out_of_order, "misreads": impossible,
         "capture": {"mode": mode, "grabs": seen["grabs"],
@@ -412,9 +505,12 @@ def summarise(codec, width, height, fps, seconds, mode, t0, times, spent, seen, 
                     "cpu_share": round(seen["cpu"] / max(seen["elapsed"], 1e-9), 2)},
         "screen": {"scale": [round(sx, 3), round(sy, 3)], "origin": [round(ox, 1), round(oy, 1)],
                    "window": list(window_geometry)},
-        "producer_update_ms": {"p50": pct(np.array(spent) * 1000, 50), "p95": pct(np.array(spent) * 1000, 95)},
+        # the producer's cost per frame: copy a precomputed picture, paint the strips, update()
+        "producer_update_ms": {"p50": pct(np.array(spent) * 1000, 50),
+                               "p95": pct(np.array(spent) * 1000, 95)},
         "server": {"bytes_sent": client.get("bytes_sent"), "stream": streams.get("active"),
-                   "ended_streams": len(streams.get("ended", [])), "failed_codecs": streams.get("failed_codecs")},
+                   "ended_streams": len(streams.get("ended", [])),
+                   "failed_codecs": streams.get("failed_codecs")},
         "server_warnings": {"count": len(warnings), "first": warnings[:5]},
         "client_log": {"lines": len(client_lines), "last": client_lines[-5:]},
     }
@@ -433,6 +529,13 @@ def main() -> None:
     parser.add_argument("--grab-interval-ms", type=float, default=0.0,
                         help="with --capture spin: sleep this long between grabs (0: none)")
     parser.add_argument("--log-dir", help="keep Xvfb/remote-viewer logs here (default: a temporary folder)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run every case this many times (rows get a 'run' number)")
+    parser.add_argument("--quiet-wait", type=float, default=120.0,
+                        help="before each case, wait up to this many seconds for the rest of the machine "
+                             "to go quiet (under 0.25 cores busy)")
+    parser.add_argument("--per-frame", action="store_true",
+                        help="also list every shown frame's latency (ms, in frame order)")
     parser.add_argument("--capture-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.capture_child:
@@ -457,7 +560,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="glass-") as tmp:
         log_dir = Path(args.log_dir) if args.log_dir else Path(tmp)
         results = []
-        for codec, width, height, fps in cases:
+        for (codec, width, height, fps), run in ((case, i) for case in cases for i in range(args.repeat)):
+            waited = wait_for_quiet(args.quiet_wait)
             try:
                 row = run_case(codec, width, height, fps, args.seconds, args.capture, args.grab_interval_ms,
                                log_dir)
@@ -467,9 +571,15 @@ def main() -> None:
                 results.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
                 continue
+            if not args.per_frame:
+                row.pop("per_frame_ms")
+            if args.repeat > 1:
+                row["run"] = run
+            row["waited_for_quiet_s"] = waited
             results.append(row)
             print(json.dumps({k: row[k] for k in ("codec", "size", "fps", "shown_share", "latency_ms")}
-                             | {"grabs_per_s": row["capture"]["grabs_per_s"]}), file=sys.stderr, flush=True)
+                             | {"grabs_per_s": row["capture"]["grabs_per_s"], "cpu_cores": row["cpu_cores"]}),
+                  file=sys.stderr, flush=True)
     print(json.dumps({"metric": "display.update -> first sighting of the frame on remote-viewer's screen "
                                 "(Xvfb framebuffer), ms",
                       "capture": args.capture, "cores": os.cpu_count(), "results": results},

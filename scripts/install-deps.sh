@@ -13,6 +13,8 @@ PACKAGES=(
   # real clients and the X tools the end-to-end tests drive them with
   xvfb xdotool imagemagick x11-utils x11-xserver-utils xterm iproute2
   virt-viewer spice-client-gtk spice-html5 chromium
+  # the reference server, for side-by-side figures (bench/glass_x11.py)
+  xserver-xspice
 )
 missing=()
 for p in "${PACKAGES[@]}"; do

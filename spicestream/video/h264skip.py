@@ -27,6 +27,7 @@ from dataclasses import dataclass
 AUD = b"\x00\x00\x00\x01\x09\xf0"  # primary_pic_type 7: any slice type
 HIGH_PROFILES = {100, 110, 122, 244, 44, 83, 86, 118, 128, 138, 139, 134, 135}
 NAL_SLICE, NAL_IDR, NAL_SPS, NAL_PPS = 1, 5, 7, 8
+SLICE_HEADER_BYTES = 64  # more than the fields read from a slice header ever take
 
 
 class Unsupported(ValueError):
@@ -213,7 +214,9 @@ class SkipFrames:
                     pps = parse_pps(unescape(nal))
                     self.pps[pps.pps_id] = pps
                 elif kind in (NAL_SLICE, NAL_IDR) and self._last is None:
-                    self._last = self._slice(unescape(nal), kind == NAL_IDR, nal[0] >> 5 & 3)
+                    # The header is in the first bytes; the slice data is not read.
+                    header = unescape(nal[:SLICE_HEADER_BYTES])
+                    self._last = self._slice(header, kind == NAL_IDR, nal[0] >> 5 & 3)
         except Unsupported as exc:
             self.unsupported, self._last = str(exc), None
 
