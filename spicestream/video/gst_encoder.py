@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from .codec import Codec
-from .elements import ElementSpec
+from .elements import SMALL_FRAME_PIXELS, ElementSpec
 from .encoder import EncodedFrame, EncoderError, VideoEncoder
 from .h264skip import SkipFrames
 
@@ -71,6 +71,8 @@ def pipeline_description(spec: ElementSpec, width: int, height: int, fps: int,
     # The caps carry a real frame rate: with framerate=0/1 x264enc holds every frame back
     # until the next one arrives (one frame of latency), and rate control needs the rate.
     caps_out = f" ! {spec.output_caps}" if spec.output_caps else ""
+    # A property given twice takes its last value.
+    small = f" {spec.small_frame_properties}" if width * height <= SMALL_FRAME_PIXELS else ""
     # (videoflip's older `method` property is accepted and ignored here: video-direction.)
     return (
         f"appsrc name=src is-live=true format=time do-timestamp=false block=false "
@@ -78,7 +80,7 @@ def pipeline_description(spec: ElementSpec, width: int, height: int, fps: int,
         f"{'! videoflip video-direction=vert ' if flip else ''}"
         f"! videoconvert n-threads={CONVERT_THREADS} ! video/x-raw,format={spec.input_format} "
         f"! queue max-size-buffers=2 max-size-bytes=0 max-size-time=0 "
-        f"! {spec.element} name=enc {spec.properties}{caps_out} "
+        f"! {spec.element} name=enc {spec.properties}{small}{caps_out} "
         f"! appsink name=sink emit-signals=true sync=false max-buffers=8 drop=false"
     )
 
