@@ -222,7 +222,7 @@ def test_shaped_link_converges_keeps_latency_and_memory_flat_and_recovers():
                       "produced_while_limited": produced, "frames_matched": len(delays),
                       "delay_p95_ms": p95 * 1000, "delay_p50_ms": float(np.median(delays)) * 1000 if delays else None,
                       "rss_growth_mib": growth, "cuts_while_limited": limited["decreases"] - decreases_converged, "climbed_to": climbed_to,
-                      "limited": {k: limited[k] for k in ("bit_rate", "bandwidth_estimate", "dropped", "playout_ms",
+                      "limited": {k: limited[k] for k in ("bit_rate", "bandwidth_estimate", "dropped", "lead_ms",
                                                           "frames_sent", "decreases")}}))
     # The variant that ran: the link was the limit only if the controller had to cut.
     cuts = limited["decreases"] - decreases_converged

@@ -38,7 +38,7 @@ USED_SHARE = 0.7  # raise the target only while the encoder uses this much of it
 SKIP_QUEUE_S = 0.100  # skip frames before encoding while this much is queued
 MAX_SKIP_S = 0.5
 BANDWIDTH_WINDOW_S = 1.0
-LATE_IS_CONGESTION_MS = 100.0  # a report's last frame this late, with a quarter of frames late: cut
+LATE_IS_CONGESTION_MS = 50.0  # a report's last frame this late, with a quarter of frames late: cut
 
 
 @dataclass
