@@ -312,9 +312,11 @@ def test_remote_viewer_shows_a_dmabuf_scanout_the_right_way_up(y0_top, tmp_path)
 
 # -- late joiners ---------------------------------------------------------------------------------
 # How soon a joiner sees the picture is a speed target (bench/first_frame.py); these tests show
-# that it does, at once rather than at the producer's next frame (an idle producer has none),
-# with a bound that keeps 3x margin over what a loaded 2-core machine measured.
-JOIN_BOUND_S = 3.0
+# that it does, at once rather than at the producer's next frame (an idle producer has none).
+# Measured from the display channel's link: 0.3 s (idle scanout, desktop at rest) to 0.8 s
+# (a running stream: remote-viewer builds its decoder first) on an idle 2-core machine; the
+# bound keeps 3x margin over a loaded one.
+JOIN_BOUND_S = 5.0
 
 
 def shows_frame(shot: np.ndarray, k: int) -> bool:
