@@ -100,14 +100,11 @@ def test_controller_skips_frames_while_congested():
     assert rc.admit(0.7) is None  # but never more than half a second without a frame
 
 
-def test_late_frames_cut_the_rate_only_when_far_too_late():
+def test_a_quarter_of_frames_late_cuts_the_rate():
     rc = RateController(4_000_000, 30, now=0.0)
-    # A few ms late: the stamps were early (streampolicy.Playout moves them), not the link slow.
-    assert not rc.on_report(1.0, num_frames=5, num_drops=5, last_frame_delay_ms=-8)
+    assert not rc.on_report(1.0, num_frames=5, num_drops=1, last_frame_delay_ms=-8)
     assert rc.target == 4_000_000
-    # Most frames late by far more than a stamp misses by: the link or decoder cannot keep up.
-    assert not rc.on_report(2.0, num_frames=5, num_drops=1, last_frame_delay_ms=-300)
-    assert rc.on_report(3.0, num_frames=5, num_drops=3, last_frame_delay_ms=-300)
+    assert rc.on_report(2.0, num_frames=5, num_drops=2, last_frame_delay_ms=-8)
     assert rc.target < 4_000_000
 
 

@@ -12,9 +12,9 @@ to queueing delay itself (RTT above its minimum, plus our backlog) within a few 
 milliseconds instead of waiting for a 300 ms virtual buffer to overflow, and it sets the
 rate from what the link actually delivered when it had to cut.
 
-Stamps and the client's playout margin are not decided here (video/streampolicy.py): a
-late frame means the stamp was too early, not that the link is too slow, unless it is late
-by more than the link's own queueing could explain (LATE_IS_CONGESTION_MS).
+Stamps and the client's playout margin are not decided here (video/streampolicy.py); a
+report with a quarter of its frames late still cuts the rate, as a queue building on the
+link shows there first.
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ USED_SHARE = 0.7  # raise the target only while the encoder uses this much of it
 SKIP_QUEUE_S = 0.100  # skip frames before encoding while this much is queued
 MAX_SKIP_S = 0.5
 BANDWIDTH_WINDOW_S = 1.0
-LATE_IS_CONGESTION_MS = 50.0  # a report's last frame this late, with a quarter of frames late: cut
 
 
 @dataclass
@@ -166,10 +165,9 @@ class RateController:
 
     # -- client reports ---------------------------------------------------------------------------
     def on_report(self, now: float, num_frames: int, num_drops: int, last_frame_delay_ms: int) -> bool:
-        """A STREAM_REPORT; True if the target changed. Frames far too late, a quarter of them
-        or more, mean the link or the client's decoder cannot keep up."""
-        if (num_drops > 0 and num_frames > 0 and num_drops * 4 >= num_frames
-                and last_frame_delay_ms < -LATE_IS_CONGESTION_MS):
+        """A STREAM_REPORT; True if the target changed. A quarter of the window late means
+        the link (or the client's decoder) fell behind the stamps' lead: cut."""
+        if num_drops > 0 and num_frames > 0 and num_drops * 4 >= num_frames:
             return self._decrease(now, None)
         return False
 
