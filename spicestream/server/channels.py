@@ -22,6 +22,7 @@ from ..protocol.constants import (
     SurfaceFormat,
     has_cap,
 )
+from ..protocol.channel import ACK_WINDOW
 from ..protocol.messages import CLIENT, HEAD, SERVER, ChannelEntry, Point, Point16, Rect
 from ..protocol.scancodes import parse_key_code, parse_scancodes
 from .cursor import default_cursor
@@ -106,7 +107,9 @@ class DisplayChannel(ChannelHandler):
             self.local_gl = LocalGL(self)  # a local client takes the scanout's fd itself
         elif self.core.video_codecs is not None:
             self.streams = StreamSender(self, self.core.video_codecs, self.caps)
-        self.conn.proto.set_ack()
+        # Twice spice-server's window: an H.264 frame is two messages (the frame and its
+        # follow-up picture, video/h264skip.py), and the window bounds frames in flight.
+        self.conn.proto.set_ack(2 * ACK_WINDOW)
         self.core.display_channels.add(self)
         self.writable()
 

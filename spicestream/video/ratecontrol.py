@@ -13,8 +13,8 @@ milliseconds instead of waiting for a 300 ms virtual buffer to overflow, and it 
 rate from what the link actually delivered when it had to cut.
 
 Stamps and the client's playout margin are not decided here (video/streampolicy.py); a
-report with a quarter of its frames late still cuts the rate, as a queue building on the
-link shows there first.
+report with a quarter of its frames late by more than LATE_IS_CONGESTION_MS cuts the rate,
+as a queue building on the link shows there first.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ FLOOR_OF_BANDWIDTH = 0.5  # a cut never goes below this share of the measured ba
 USED_SHARE = 0.7  # raise the target only while the encoder uses this much of it
 SKIP_QUEUE_S = 0.100  # skip frames before encoding while this much is queued
 MAX_SKIP_S = 0.5
+LATE_IS_CONGESTION_MS = 50.0
 BANDWIDTH_WINDOW_S = 1.0
 
 
@@ -165,9 +166,11 @@ class RateController:
 
     # -- client reports ---------------------------------------------------------------------------
     def on_report(self, now: float, num_frames: int, num_drops: int, last_frame_delay_ms: int) -> bool:
-        """A STREAM_REPORT; True if the target changed. A quarter of the window late means
-        the link (or the client's decoder) fell behind the stamps' lead: cut."""
-        if num_drops > 0 and num_frames > 0 and num_drops * 4 >= num_frames:
+        """A STREAM_REPORT; True if the target changed. A quarter of the window late, by more
+        than a busy client's jitter (the stamps' lead is only a few ms), means a queue is
+        building on the link or the client's decoder cannot keep up: cut."""
+        if (num_drops > 0 and num_frames > 0 and num_drops * 4 >= num_frames
+                and last_frame_delay_ms < -LATE_IS_CONGESTION_MS):
             return self._decrease(now, None)
         return False
 
