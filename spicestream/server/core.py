@@ -91,10 +91,6 @@ class ServerCore:
         unwrapped (brief §4.4); only what goes on the wire wraps (streampolicy.wire_stamp)."""
         return int((monotonic - self._epoch) * 1000 + 1)
 
-    def mm_time(self) -> int:
-        """The media clock now, as the wire carries it: u32, wrapping."""
-        return wire_stamp(self.mm_ms(time.monotonic()))
-
     def mm_time_at(self, monotonic: float) -> int:
         """The wire media time of a moment measured with time.monotonic() (a frame's capture)."""
         return wire_stamp(self.mm_ms(monotonic))
