@@ -83,7 +83,10 @@ class ServerCore:
         self.latency_ms = INIT_LATENCY_MS
         self.max_clients = DEFAULT_MAX_CLIENTS
         self.offered = OFFERED
-        self._epoch = time.monotonic()
+        # The one clock the server's time decisions read (tests may replace it): the sender
+        # reads it once per event and hands `now` to the pure policies.
+        self.clock: Callable[[], float] = time.monotonic
+        self._epoch = self.clock()
 
     # -- clock ------------------------------------------------------------------------------
     def mm_ms(self, monotonic: float) -> int:
@@ -96,7 +99,7 @@ class ServerCore:
         return wire_stamp(self.mm_ms(monotonic))
 
     def client_mm_time(self) -> int:
-        return wire_stamp(self.mm_ms(time.monotonic()) - self.latency_ms)
+        return wire_stamp(self.mm_ms(self.clock()) - self.latency_ms)
 
     # -- link decisions ---------------------------------------------------------------------
     def channel_caps(self, channel_type: int):

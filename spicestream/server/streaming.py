@@ -16,7 +16,6 @@ import asyncio
 import collections
 import logging
 import secrets
-import time
 from dataclasses import dataclass, field
 
 from ..display.streams import StreamRegion
@@ -99,7 +98,8 @@ class StreamSender:
         start = max(MIN_START_BIT_RATE, int(region.width * region.height * fps * BITS_PER_PIXEL_FRAME))
         if self.last_rate is not None:  # what we learnt about this client's link still holds
             start = min(start, self.last_rate.target)
-        rate = RateController(start, fps, time.monotonic())
+        now = self.core.clock()
+        rate = RateController(start, fps, now)
         while True:
             entry = self.codecs.choose(self.caps, self.preferred, self.failed)
             if entry is None:
@@ -113,7 +113,7 @@ class StreamSender:
                 log.warning("%s: %s unusable, trying the next codec: %s", self.conn.peer, entry, exc)
                 self.failed.add(entry)
         stream = ActiveStream(region, entry, encoder, secrets.randbits(32), rate,
-                              last_fed=time.monotonic(), awaiting_key=encoder.joined_running)
+                              last_fed=now, awaiting_key=encoder.joined_running)
         self.active = stream
         dest = Rect(top=region.y, left=region.x, bottom=region.y + region.height,
                     right=region.x + region.width)
@@ -216,7 +216,7 @@ class StreamSender:
             return False
         ledger = stream.ledger
         ledger.seen(generation)
-        now = time.monotonic()
+        now = self.core.clock()
         encoder = stream.encoder
         reason = admit(self.conn.can_send, stream.held is not None,
                        encoder.in_flight >= encoder.max_in_flight, stream.rate, now)
@@ -277,7 +277,7 @@ class StreamSender:
         if frame is None or not self.conn.can_send:
             return
         stream.held = None
-        now = time.monotonic()
+        now = self.core.clock()
         mm = self.core.mm_ms(now)
         stamp = self.playout.stamp(mm)
         self.conn.send(self._data_message(stream.region, stamp, frame, frame.data))
@@ -336,7 +336,7 @@ class StreamSender:
     def _need_key(self, stream: ActiveStream) -> None:
         """This client lost a frame. On a shared encoder, one that keeps losing frames gets an
         encoder of its own rather than costing everyone key frames."""
-        now = time.monotonic()
+        now = self.core.clock()
         stream.key_requests = [t for t in stream.key_requests if now - t < KEY_REQUEST_WINDOW_S] + [now]
         if stream.encoder.shared_by > 1 and len(stream.key_requests) >= KEY_REQUESTS_TO_DEMOTE:
             self._demote(stream, "it keeps missing frames")
@@ -408,13 +408,13 @@ class StreamSender:
         stream.stats["last_report"] = message._asdict()
         self.playout.on_report(message.end_frame_mm_time, message.num_frames, message.num_drops,
                                message.last_frame_delay)
-        if stream.rate.on_report(time.monotonic(), message.num_frames, message.num_drops,
+        if stream.rate.on_report(self.core.clock(), message.num_frames, message.num_drops,
                                  message.last_frame_delay):
             self._apply_rate(stream)
 
     def set_preferred(self, codecs: list[int], now: float | None = None) -> None:
         self.preferred = list(codecs)
-        now = time.monotonic() if now is None else now
+        now = self.core.clock() if now is None else now
         if self._wants_switch() and self.switches.request(now):
             self.end(lossless=False)  # restart with the newly preferred codec
         self.channel.writable()
