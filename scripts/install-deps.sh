@@ -11,8 +11,9 @@ PACKAGES=(
   gir1.2-gstreamer-1.0 gir1.2-gst-plugins-base-1.0 gir1.2-gst-plugins-bad-1.0
   libgirepository1.0-dev libcairo2-dev
   # real clients and the X tools the end-to-end tests drive them with
-  xvfb xdotool imagemagick x11-utils x11-xserver-utils xterm iproute2
-  virt-viewer spice-client-gtk spice-html5 chromium
+  xvfb xdotool xclip imagemagick x11-utils x11-xserver-utils xterm iproute2
+  xserver-xorg-video-dummy  # an Xorg whose screen follows the client (RandR), for --source x11
+  virt-viewer spice-client-gtk gir1.2-spiceclientglib-2.0 spice-html5 chromium
   # the reference server, for side-by-side figures (bench/glass_x11.py)
   xserver-xspice
 )

@@ -78,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "portal serving spice-html5 itself (repeatable)")
     serve.add_argument("--secure-channels", default="", metavar="LIST",
                        help="channels refused on the plain port: main,display,inputs,cursor or all")
+    serve.add_argument("--max-clipboard", type=_byte_size, default=16 << 20, metavar="BYTES",
+                       help="largest clipboard content either way, e.g. 16M (default 16M)")
+    serve.add_argument("--file-transfer-dir", metavar="DIR",
+                       help="receive files dropped into a viewer here (default: refused)")
+    serve.add_argument("--max-file-size", type=_byte_size, default=1 << 30, metavar="BYTES",
+                       help="with --file-transfer-dir: largest file accepted, e.g. 500M (default 1G)")
     serve.add_argument("--size", type=_size, default=(1280, 720), metavar="WxH", help="display size (default 1280x720)")
     serve.add_argument("--fps", type=_fps, default=30.0, help="frames per second of the source (default 30)")
     serve.add_argument("--video-codecs", type=_codec_list, default=DEFAULT_CODECS, metavar="LIST",
@@ -87,6 +93,20 @@ def build_parser() -> argparse.ArgumentParser:
     codecs = sub.add_parser("codecs", help="probe the video encoders and print what works here")
     codecs.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
+
+
+def _byte_size(text: str) -> int:
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    number, unit = text.strip(), ""
+    if number[-1:].upper() in units and number[-1:].upper() != "":
+        number, unit = number[:-1], number[-1].upper()
+    try:
+        value = int(number) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a size in bytes, e.g. 4096, 512K, 16M, 1G") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be at least 1 byte")
+    return value
 
 
 def _codec_list(text: str) -> str:
@@ -127,7 +147,7 @@ def serve(parser, args) -> int:
     from . import Server
     from .server.security import TLSConfigError, is_loopback
     from .server.web import WebError
-    from .sources.demo import run_demo
+    from .sources.demo import DemoResize, run_demo
 
     if args.source == "x11" and not args.x_display:
         parser.error("argument --x-display: required with --source x11")
@@ -147,6 +167,9 @@ def serve(parser, args) -> int:
                 parser.error(f"argument {option}: cannot read {path}")
     elif args.secure_channels:
         parser.error("argument --secure-channels: needs --tls-port")
+    if args.file_transfer_dir is not None and not (
+            os.path.isdir(args.file_transfer_dir) and os.access(args.file_transfer_dir, os.W_OK | os.X_OK)):
+        parser.error(f"argument --file-transfer-dir: {args.file_transfer_dir} is not a folder we can write to")
     width, height = args.size
     try:
         server = Server(host=args.host, port=args.port, password=password, width=width, height=height,
@@ -155,7 +178,9 @@ def serve(parser, args) -> int:
                         ticket_expiry=args.ticket_expiry, tls_port=args.tls_port, tls_cert=args.tls_cert,
                         tls_key=args.tls_key, tls_ca=args.tls_ca, secure_channels=args.secure_channels,
                         web=args.web, web_origins=args.web_origin,
-                        allow_unauthenticated_remote=args.disable_ticketing)
+                        allow_unauthenticated_remote=args.disable_ticketing,
+                        max_clipboard=args.max_clipboard, file_transfer_dir=args.file_transfer_dir,
+                        max_file_size=args.max_file_size)
     except WebError as exc:
         parser.error(f"argument --web: {exc}")
     except TLSConfigError as exc:
@@ -186,7 +211,10 @@ def serve(parser, args) -> int:
             finally:
                 source.close()
         else:
-            run_demo(server.display, args.fps, args.size, stop, f"spice://{args.host}:{server.port}")
+            resizer = DemoResize()
+            server.on_resize = resizer.request  # the demo follows the viewer's window
+            run_demo(server.display, args.fps, args.size, stop, f"spice://{args.host}:{server.port}",
+                     resizer)
     finally:
         server.stop()
     return 0

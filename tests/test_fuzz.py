@@ -52,6 +52,9 @@ from spicestream.protocol.link import (
 )
 from spicestream.protocol.messages import CLIENT, SERVER
 from spicestream.protocol.wire import Array, Blob, Pointer, ProtocolError, Record, Rest, Scalar
+from spicestream.display.surface import Display
+from spicestream.server.agent import Agent
+from spicestream.server.core import ServerCore
 from spicestream.testing.client import TestClient
 
 HOST = "127.0.0.1"
@@ -162,11 +165,42 @@ def random_frame(rng: random.Random, channel_type: int, mini: bool) -> bytes:
     return frame(mini, type_id, body, serial=rng.randrange(1 << 64))
 
 
+class _QuietConn:
+    peer = "fuzz oracle"
+
+    def send(self, message) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+
+def agent_oracle():
+    """The main channel's agent as the server runs it, on a core of its own: which agent
+    traffic is fatal depends on what came before (chunks, transfers), so the oracle replays
+    it through the real Agent rather than a second model of it."""
+    core = ServerCore(Display(64, 64), None, "fuzz")
+    return Agent(core, _QuietConn(), "fuzz")
+
+
 def outcome(channel_type: int, mini: bool, data: bytes) -> tuple[bool, int, int]:
-    """What a server-side ChannelProtocol makes of `data`: (fatal, messages_in, buffered)."""
+    """What a server-side ChannelProtocol makes of `data` (and, on main, the agent):
+    (fatal, messages_in, buffered)."""
     proto = ChannelProtocol(channel_type, mini)
     try:
-        proto.receive_data(data)
+        messages = proto.receive_data(data)
+        if channel_type == ChannelType.MAIN:
+            agent = None
+            for message in messages:
+                kind = type(message)
+                if kind in (CLIENT.MAIN_AGENT_START, CLIENT.MAIN_AGENT_DATA, CLIENT.MAIN_AGENT_TOKEN):
+                    agent = agent or agent_oracle()
+                    if kind is CLIENT.MAIN_AGENT_START:
+                        agent.start(message.num_tokens)
+                    elif kind is CLIENT.MAIN_AGENT_DATA:
+                        agent.data(message.data)
+                    else:
+                        agent.token(message.num_tokens)
     except ProtocolError:
         return True, proto.messages_in, 0
     return False, proto.messages_in, proto._reader.buffered
@@ -713,10 +747,13 @@ def fatal_frame(rng: random.Random, channel_type: int, mini: bool) -> bytes:
 def plan(rng: random.Random, ch: FuzzChannel, mode: str) -> None:
     """Fill ch.stream and what the server must make of it (fatal / messages processed)."""
     frames = []
+    # On main, agent chunks add up across frames: judge each candidate after all before it.
+    cumulative = ch.channel_type == ChannelType.MAIN
     for _ in range(rng.randint(40, 160)):
         for _attempt in range(20):
             candidate = random_frame(rng, ch.channel_type, ch.mini)
-            fatal, _, buffered = outcome(ch.channel_type, ch.mini, candidate)
+            judged = b"".join(frames) + candidate if cumulative else candidate
+            fatal, _, buffered = outcome(ch.channel_type, ch.mini, judged)
             if not fatal and buffered == 0:
                 frames.append(candidate)
                 break

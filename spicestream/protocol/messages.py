@@ -56,6 +56,13 @@ SERVER_TABLE: list[tuple[Ch | None, int, str, list[tuple[str, Any]]]] = [
     (Ch.MAIN, 104, "CHANNELS_LIST", [("channels", Array(u32, ChannelEntry))]),
     (Ch.MAIN, 105, "MOUSE_MODE", [("supported_modes", u16), ("current_mode", u16)]),
     (Ch.MAIN, 106, "MULTI_MEDIA_TIME", [("time", u32)]),
+    # The agent (brief §4.1; server/agent.py): AGENT_DATA carries up to 2048 bytes of the
+    # VD_AGENT stream (protocol/agent.py), each one spending a token the client granted.
+    (Ch.MAIN, 107, "AGENT_CONNECTED", []),
+    (Ch.MAIN, 108, "AGENT_DISCONNECTED", [("error_code", u32)]),
+    (Ch.MAIN, 109, "AGENT_DATA", [("data", Rest())]),
+    (Ch.MAIN, 110, "AGENT_TOKEN", [("num_tokens", u32)]),
+    (Ch.MAIN, 115, "AGENT_CONNECTED_TOKENS", [("num_tokens", u32)]),
     (Ch.MAIN, 113, "NAME", [("name", Blob(u32))]),
     (Ch.MAIN, 114, "UUID", [("uuid", Rest())]),
     (Ch.DISPLAY, 102, "MARK", []),

@@ -113,6 +113,22 @@ class Rest:
         return bytes(buf[offset:]), len(buf)
 
 
+class Padding:
+    """`n` reserved bytes: zeros when packed, skipped when unpacked (the value is None)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def pack(self, value: Any) -> bytes:
+        return bytes(self.n)
+
+    def unpack(self, buf: memoryview, offset: int) -> tuple[Any, int]:
+        end = offset + self.n
+        if end > len(buf):
+            raise ProtocolError(f"truncated: need {end} bytes, have {len(buf)}")
+        return None, end
+
+
 class Clip:
     """Inline clip: u8 type (0 NONE, 1 RECTS) then, for RECTS, u32 n + n Rects.
 

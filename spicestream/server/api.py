@@ -28,7 +28,9 @@ from ..display.surface import Display
 from ..video.codec_list import DEFAULT_CODECS
 from ..video.factory import VideoCodecs
 from .connection import ChannelConnection
-from .core import ServerCore
+from .agent import MIME_PNG, MIME_TEXT, SELECTION_NAMES, TYPE_OF, ClipboardError
+from .core import DEFAULT_MAX_CLIPBOARD, ServerCore
+from .filexfer import FileTransferConfig
 from .cursor import cursor_bytes
 from .security import is_loopback, parse_secure_channels, tls_context
 from .web import WebRoot, normalise_origin
@@ -111,14 +113,18 @@ class Server:
                  tls_cert: str | None = None, tls_key: str | None = None, tls_ca: str | None = None,
                  secure_channels: str | list[str] = (), web: bool | str = False,
                  web_origins: list[str] = (), allow_unauthenticated_remote: bool = False,
-                 unix_mode: int = 0o600):
+                 unix_mode: int = 0o600, max_clipboard: int = DEFAULT_MAX_CLIPBOARD,
+                 file_transfer_dir: str | None = None, max_file_size: int = 1 << 30):
         """`video_codecs`: "encoder:codec" entries separated by ";" (spice-server syntax),
         e.g. "gstreamer:h264;spice:mjpeg"; raises CodecListError for a bad list.
         `streaming_video`: "off", "all" or "filter" (spice-server's modes).
         `web`: serve spice-html5 and accept its WebSocket; `web_origins`: other pages that
         may open a WebSocket here ("https://portal.example"; ValueError for a bad one). With
         neither, browsers cannot connect at all. Listening beyond loopback without a password
-        raises ValueError unless `allow_unauthenticated_remote` says it is meant."""
+        raises ValueError unless `allow_unauthenticated_remote` says it is meant.
+        `max_clipboard`: the most bytes one clipboard content may have, either way.
+        `file_transfer_dir`: where files dropped into a viewer go (None: refused);
+        `max_file_size`: the largest such file."""
         if password is None and not is_loopback(host) and not allow_unauthenticated_remote:
             raise ValueError(f"refusing to serve {host} without a password: give one, or "
                              "allow_unauthenticated_remote=True if anyone who can reach it may")
@@ -139,6 +145,15 @@ class Server:
                                 codecs)
         if max_clients < 1:
             raise ValueError("max_clients must be at least 1")
+        if max_clipboard < 1:
+            raise ValueError("max_clipboard must be at least 1 byte")
+        self._core.clipboard.max_bytes = max_clipboard
+        if file_transfer_dir is not None:
+            if not os.path.isdir(file_transfer_dir) or not os.access(file_transfer_dir, os.W_OK | os.X_OK):
+                raise ValueError(f"file_transfer_dir {file_transfer_dir!r} is not a folder we can write to")
+            if max_file_size < 0:
+                raise ValueError("max_file_size must not be negative")
+            self._core.file_transfer = FileTransferConfig(os.path.abspath(file_transfer_dir), max_file_size)
         self._core.max_clients = max_clients
         if ticket_expiry is not None:
             self.set_ticket(password, ticket_expiry)
@@ -179,6 +194,69 @@ class Server:
     @on_pointer.setter
     def on_pointer(self, callback) -> None:
         self._core.on_pointer = callback
+
+    @property
+    def on_clipboard(self):
+        return self._core.on_clipboard
+
+    @on_clipboard.setter
+    def on_clipboard(self, callback) -> None:
+        """(mime, data, selection): a client copied something. `mime` is
+        "text/plain;charset=utf-8" (data: UTF-8 bytes) or "image/png" (other image types
+        clients send are converted); `selection` is "clipboard" or "primary"."""
+        self._core.on_clipboard = callback
+
+    @property
+    def on_resize(self):
+        return self._core.on_resize
+
+    @on_resize.setter
+    def on_resize(self, callback) -> None:
+        """(width, height[, monitors]): a client's window (or monitors) asks for this size.
+        Act on it with display.resize (or not: the display keeps its size). `monitors`, for
+        a callback that takes it: the client's list of dicts (width, height, x, y, depth)."""
+        self._core.on_resize = callback
+
+    @property
+    def on_file(self):
+        return self._core.on_file
+
+    @on_file.setter
+    def on_file(self, callback) -> None:
+        """(name, path): a file a client dropped has arrived whole in file_transfer_dir."""
+        self._core.on_file = callback
+
+    def set_clipboard(self, data: bytes | str | None, mime: str = MIME_TEXT,
+                      selection: str = "clipboard") -> None:
+        """Put `data` on the clients' clipboard (None: clear it). Any thread. `mime`:
+        "text/plain;charset=utf-8" (str or UTF-8 bytes) or "image/png"; `selection`:
+        "clipboard" or "primary". ClipboardError if the type is unknown or the data is over
+        max_clipboard."""
+        if selection not in SELECTION_NAMES:
+            raise ClipboardError(f"selection {selection!r}: clipboard or primary")
+        sel = SELECTION_NAMES[selection]
+        if data is None:
+            kind, data = None, b""
+        else:
+            if mime.replace(" ", "").lower() in ("text/plain;charset=utf-8", "text/plain", "utf8_string"):
+                mime = MIME_TEXT
+            if mime not in TYPE_OF:
+                raise ClipboardError(f"clipboard type {mime!r}: {MIME_TEXT} or {MIME_PNG}")
+            kind = TYPE_OF[mime]
+            data = data.encode() if isinstance(data, str) else bytes(data)
+            if kind == TYPE_OF[MIME_PNG] and not data.startswith(b"\x89PNG\r\n\x1a\n"):
+                raise ClipboardError("image/png data that is not a PNG")
+            if len(data) > self._core.clipboard.max_bytes:
+                raise ClipboardError(f"{len(data)} bytes on the clipboard; the limit is "
+                                     f"{self._core.clipboard.max_bytes} (max_clipboard)")
+        self._call_on_loop(self._core.clipboard.set, sel, kind, data, None)
+
+    def _call_on_loop(self, function, *args) -> None:
+        loop = self._loop
+        if loop is not None and loop.is_running() and threading.current_thread() is not self._loop_thread:
+            loop.call_soon_threadsafe(function, *args)
+        else:
+            function(*args)
 
     @property
     def on_gl_draw_done(self):

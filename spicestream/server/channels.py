@@ -25,6 +25,7 @@ from ..protocol.constants import (
 from ..protocol.channel import ACK_WINDOW
 from ..protocol.messages import CLIENT, HEAD, SERVER, ChannelEntry, Point, Point16, Rect
 from ..protocol.scancodes import parse_key_code, parse_scancodes
+from .agent import AGENT_WINDOW, Agent
 from .cursor import default_cursor
 from .localgl import LocalGL
 from .streaming import StreamSender
@@ -58,14 +59,19 @@ class ChannelHandler:
 
 
 class MainChannel(ChannelHandler):
+    agent: Agent | None = None
+
     def start(self) -> None:
         core = self.core
         self._pings = 0
         self._ping_timer = asyncio.get_running_loop().call_later(PING_INTERVAL_S, self._ping)
+        # We are the agent, connected from the start (server/agent.py).
+        self.agent = Agent(core, self.conn, self.conn.peer)
         self.conn.send(SERVER.MAIN_INIT(
             session_id=self.session.session_id, display_channels_hint=1,
             supported_mouse_modes=SUPPORTED_MOUSE_MODES, current_mouse_mode=self.session.mouse_mode,
-            agent_connected=0, agent_tokens=10, multi_media_time=core.client_mm_time(), ram_hint=0))
+            agent_connected=1, agent_tokens=AGENT_WINDOW, multi_media_time=core.client_mm_time(),
+            ram_hint=0))
         if has_cap(self.caps, MainCap.NAME_AND_UUID):
             self.conn.send(SERVER.MAIN_NAME(core.name.encode() + b"\x00"))
             self.conn.send(SERVER.MAIN_UUID(core.uuid))
@@ -79,6 +85,8 @@ class MainChannel(ChannelHandler):
 
     def closed(self) -> None:
         self._ping_timer.cancel()
+        if self.agent is not None:
+            self.agent.closed()
         super().closed()
 
     def handle(self, message) -> None:
@@ -91,6 +99,12 @@ class MainChannel(ChannelHandler):
             if message.mode in (MouseMode.SERVER, MouseMode.CLIENT):
                 self.session.mouse_mode = MouseMode(message.mode)
             self.conn.send(SERVER.MAIN_MOUSE_MODE(SUPPORTED_MOUSE_MODES, self.session.mouse_mode))
+        elif kind is CLIENT.MAIN_AGENT_START:
+            self.agent.start(message.num_tokens)
+        elif kind is CLIENT.MAIN_AGENT_DATA:
+            self.agent.data(message.data)
+        elif kind is CLIENT.MAIN_AGENT_TOKEN:
+            self.agent.token(message.num_tokens)
 
 
 class DisplayChannel(ChannelHandler):

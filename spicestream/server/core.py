@@ -7,6 +7,7 @@ channel ends the session and closes its other channels.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import secrets
 import time
@@ -18,7 +19,9 @@ from ..protocol.constants import ChannelType, DisplayCap, InputsCap, LinkError, 
 from ..protocol.link import LinkRequested
 from ..protocol.messages import SERVER
 from ..video.streampolicy import wire_stamp
+from .agent import ClipboardBoard
 from .channels import CursorChannel, DisplayChannel, InputsChannel, MainChannel
+from .filexfer import FileTransferConfig
 from .connection import UnlinkedConnections
 from .linkkeys import HelloLimiter, LinkKeys
 from .sharing import EncoderRegistry
@@ -47,6 +50,7 @@ OFFERED = [(ChannelType.DISPLAY, 0), (ChannelType.INPUTS, 0), (ChannelType.CURSO
 # where the rate controller adapts it per client (video/ratecontrol.py, playout delay).
 INIT_LATENCY_MS = 0
 DEFAULT_MAX_CLIENTS = 8
+DEFAULT_MAX_CLIPBOARD = 16 << 20  # bytes of one clipboard content, either way
 
 
 class Session:
@@ -80,6 +84,11 @@ class ServerCore:
         self.encoders = EncoderRegistry()  # shared video encoders, by codec and region
         self.on_key: Callable[[int, bool], None] | None = None
         self.on_pointer: Callable[[int, int, int], None] | None = None
+        self.on_clipboard: Callable[[str, bytes, str], None] | None = None
+        self.on_resize: Callable[..., None] | None = None
+        self.on_file: Callable[[str, str], None] | None = None
+        self.clipboard = ClipboardBoard(self, DEFAULT_MAX_CLIPBOARD)
+        self.file_transfer: FileTransferConfig | None = None  # off without a folder
         self.latency_ms = INIT_LATENCY_MS
         self.max_clients = DEFAULT_MAX_CLIENTS
         self.offered = OFFERED
@@ -199,6 +208,29 @@ class ServerCore:
     def emit_pointer(self, x: int, y: int, buttons: int) -> None:
         self._call(self.on_pointer, x, y, buttons)
 
+    def emit_clipboard(self, mime: str, data: bytes, selection: str) -> None:
+        self._call(self.on_clipboard, mime, data, selection)
+
+    def emit_resize(self, width: int, height: int, monitors: list[dict]) -> None:
+        """A client asked for this desktop size (its window or monitors). The callback takes
+        (width, height) and, if it has a third parameter, the client's monitor list."""
+        callback = self.on_resize
+        if callback is None:
+            log.info("a client asked for %dx%d; no on_resize: the display keeps its size", width, height)
+            return
+        if _takes_three(callback):
+            self._call(callback, width, height, monitors)
+        else:
+            self._call(callback, width, height)
+
+    def emit_file(self, name: str, path: str) -> None:
+        self._call(self.on_file, name, path)
+
+    def agents(self):
+        for session in list(self.sessions.values()):
+            if session.main is not None and session.main.agent is not None:
+                yield session.main.agent
+
     @staticmethod
     def _call(callback, *args) -> None:
         if callback is None:
@@ -207,6 +239,15 @@ class ServerCore:
             callback(*args)
         except Exception:  # the application's bug; the client connection is not at fault
             log.exception("application callback %r failed", callback)
+
+
+def _takes_three(callback) -> bool:
+    try:
+        params = inspect.signature(callback).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 3 or any(p.kind == p.VAR_POSITIONAL for p in params)
 
 
 HANDLERS_WITH_IDS = {(int(t), 0) for t in HANDLERS}

@@ -178,15 +178,43 @@ class DemoScene:
         return frame, damage
 
 
+MIN_SIZE, MAX_SIZE = 64, 4096  # what a client may ask the demo to become
+
+
+class DemoResize:
+    """A client's wish for another size (server.on_resize, on the server thread), taken by
+    the demo's loop at its next frame. Only the newest wish counts."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._wanted: tuple[int, int] | None = None
+
+    def request(self, width: int, height: int) -> None:
+        width = max(MIN_SIZE, min(MAX_SIZE, int(width))) & ~1  # even: the video encoders' need
+        height = max(MIN_SIZE, min(MAX_SIZE, int(height))) & ~1
+        with self._lock:
+            self._wanted = (width, height)
+
+    def take(self) -> tuple[int, int] | None:
+        with self._lock:
+            wanted, self._wanted = self._wanted, None
+        return wanted
+
+
 def run_demo(display, fps: float, size: tuple[int, int], stop_event: threading.Event,
-             address: str = "spice://127.0.0.1:5900") -> None:
-    """Resize `display` to `size`, then push a scene frame every 1/fps s until stop_event."""
+             address: str = "spice://127.0.0.1:5900", resize: DemoResize | None = None) -> None:
+    """Resize `display` to `size`, then push a scene frame every 1/fps s until stop_event;
+    with `resize`, follow the size clients ask for."""
     w, h = size
     display.resize(w, h)
     scene = DemoScene(w, h, address)
     period = 1.0 / max(float(fps), 0.1)
     next_tick = time.monotonic()
     while not stop_event.is_set():
+        wanted = resize.take() if resize is not None else None
+        if wanted is not None and wanted != (scene.width, scene.height):
+            display.resize(*wanted)
+            scene = DemoScene(*wanted, address)
         frame, damage = scene.render(time.monotonic())
         display.update(frame, damage)
         next_tick += period

@@ -22,6 +22,8 @@ from ..protocol.channel import ChannelProtocol
 from ..protocol.constants import CommonCap, DisplayCap, LinkError
 from ..protocol.constants import ChannelType as Ch
 from ..protocol.link import LINK_HEADER, ClientLink
+from ..protocol.agent import AgentCodec, AgentMsg, AgentStream, caps_of, caps_words
+from ..protocol.agent import chunks as agent_chunks
 from ..protocol.messages import CLIENT, SERVER
 from ..video.codec import Codec
 from .images import decode_image
@@ -74,7 +76,7 @@ class TestClient:
                  display_caps=DEFAULT_DISPLAY_CAPS, channels=(Ch.DISPLAY, Ch.INPUTS, Ch.CURSOR),
                  mini_header: bool = True, main_caps=(), decode_streams: bool = True,
                  send_reports: bool = True, log_limit: int = 200, tls_port: int | None = None,
-                 tls=None, tls_first: bool = False):
+                 tls=None, tls_first: bool = False, agent_caps=None, agent_tokens: int = 0xFFFFFFFF):
         self.host, self.port, self.password = host, port, password
         # Like spice-gtk: a channel refused with NEED_SECURED links again on the TLS port.
         self.tls_port, self.tls, self.tls_first = tls_port, tls, tls_first
@@ -99,6 +101,15 @@ class TestClient:
         self.send_reports = send_reports
         self.reports_sent = 0
         self._mm_base: tuple[int, float] | None = None  # (server mm-time, our monotonic then)
+        # The agent, as spice-gtk drives it: given `agent_caps`, AGENT_START with
+        # `agent_tokens` and our capabilities (request=1) once MAIN_INIT says one is there.
+        self.agent_caps = None if agent_caps is None else frozenset(agent_caps)
+        self.agent_tokens_start = agent_tokens
+        self.agent_codec = AgentCodec()
+        self.agent_server_caps: set[int] | None = None
+        self.agent_messages: list = []  # (AgentMsg, message) received, in order
+        self.agent_tokens = 0  # AGENT_DATA we may still send
+        self._agent_stream = AgentStream(lambda kind: 1 << 30)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
@@ -131,6 +142,23 @@ class TestClient:
     def resume(self, channel_type: int = Ch.DISPLAY) -> None:
         transport = self.channels[channel_type].writer.transport
         self._loop.call_soon_threadsafe(transport.resume_reading)
+
+    def agent_send(self, kind, **fields) -> None:
+        """Send one agent message (chunked, spending tokens), from the test's thread."""
+        self._loop.call_soon_threadsafe(lambda: self._agent_send(kind, **fields))
+
+    def agent_send_raw(self, chunk: bytes) -> None:
+        """One AGENT_DATA of arbitrary bytes (hostile-input tests)."""
+        self.send(Ch.MAIN, CLIENT.MAIN_AGENT_DATA(chunk))
+
+    def _agent_send(self, kind, **fields) -> None:
+        packed = self.agent_codec.pack(kind, self.agent_codec.make(kind, **fields))
+        for part in agent_chunks(packed):
+            self.agent_tokens -= 1
+            self.channels[Ch.MAIN].send(CLIENT.MAIN_AGENT_DATA(part))
+
+    def agent_received(self, kind) -> list:
+        return [m for k, m in list(self.agent_messages) if k == kind]
 
     def key(self, scancode: int) -> None:
         """Press and release a key the way spice-gtk does for a quick tap (KEY_SCANCODE)."""
@@ -216,6 +244,19 @@ class TestClient:
             self.session_id = message.session_id
             self._mm_base = (message.multi_media_time, time.monotonic())
             self.channels[Ch.MAIN].send(CLIENT.MAIN_ATTACH_CHANNELS())
+            self.agent_tokens = message.agent_tokens
+            if message.agent_connected and self.agent_caps is not None:
+                self.channels[Ch.MAIN].send(CLIENT.MAIN_AGENT_START(self.agent_tokens_start))
+                self._agent_send(AgentMsg.ANNOUNCE_CAPABILITIES, request=1, caps=caps_words(self.agent_caps))
+        elif kind is SERVER.MAIN_AGENT_DATA:
+            for agent_kind, body in self._agent_stream.feed(message.data):
+                decoded = self.agent_codec.unpack(agent_kind, body)
+                if agent_kind == AgentMsg.ANNOUNCE_CAPABILITIES:
+                    self.agent_server_caps = caps_of(decoded.caps)
+                    self.agent_codec = AgentCodec(self.agent_server_caps & self.agent_caps)
+                self.agent_messages.append((AgentMsg(agent_kind), decoded))
+        elif kind is SERVER.MAIN_AGENT_TOKEN:
+            self.agent_tokens += message.num_tokens
         elif kind is SERVER.MAIN_MULTI_MEDIA_TIME:
             self._mm_base = (message.time, time.monotonic())
         elif kind is SERVER.DISPLAY_STREAM_ACTIVATE_REPORT:
