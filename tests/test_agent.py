@@ -370,3 +370,27 @@ def test_agent_fuzz_raises_only_protocol_errors(tmp_path):
             agent.closed()
         assert not [p for p in os.listdir(tmp_path) if p.endswith(".part")], seed
     assert 30 < fatal < 290  # both outcomes were exercised
+
+
+def test_the_demo_follows_a_client_resize():
+    import threading
+
+    from spicestream.sources.demo import DemoResize, run_demo
+
+    with spicestream.Server(port=0, width=64, height=64, streaming_video="off") as srv:
+        resize, stop = DemoResize(), threading.Event()
+        srv.on_resize = resize.request
+        demo = threading.Thread(target=run_demo, args=(srv.display, 10, (320, 240), stop), kwargs={"resize": resize})
+        demo.start()
+        try:
+            with TestClient("127.0.0.1", srv.port, agent_caps=GTK_CAPS) as client:
+                client.wait_for(lambda c: c.frame is not None and c.frame.shape[:2] == (240, 320), what="the demo")
+                client.wait_for(lambda c: c.agent_server_caps is not None, what="the agent")
+                monitors = MON_CONFIG.pack(MON_CONFIG.type(301, 417, 32, 0, 0))  # odd: made even
+                client.agent_send(AgentMsg.MONITORS_CONFIG, num_of_monitors=1, flags=0, monitors=monitors)
+                # Drawn at the new size, not just a new (black) surface.
+                client.wait_for(lambda c: c.frame is not None and c.frame.shape[:2] == (300, 416)
+                                and c.frame[..., :3].any(), what="the demo drawn at the new size")
+        finally:
+            stop.set()
+            demo.join(5)

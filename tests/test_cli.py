@@ -15,6 +15,9 @@ import pytest
     (["--source", "x11"], "--x-display"), (["--secure-channels", "all"], "--secure-channels"),
     (["--web-origin", "evil.example"], "--web-origin"), (["--web-origin", "https://a.example/page"], "--web-origin"),
     (["--unix-mode", "666"], "--unix-mode"),
+    (["--max-clipboard", "0"], "--max-clipboard"), (["--max-clipboard", "12Q"], "--max-clipboard"),
+    (["--file-transfer-dir", "/nonexistent/dir"], "--file-transfer-dir"),
+    (["--max-file-size", "-5"], "--max-file-size"),
     (["--bogus"], "--bogus"),
 ])
 def test_bad_option_exits_2_naming_it(args, option):

@@ -104,10 +104,9 @@ class XSession:
             read_fd, write_fd = os.pipe()
             try:
                 proc = subprocess.Popen(
-                    ["Xvfb", f":{number}", "-displayfd", str(write_fd), "-screen", "0",
-                     f"{self.width}x{self.height}x24", "-nolisten", "tcp", "-noreset"],
+                    self._server_command(number, write_fd),
                     pass_fds=(write_fd,), stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
-                    stdout=subprocess.DEVNULL, stderr=self._log("xvfb"))
+                    stdout=subprocess.DEVNULL, stderr=self._log(self.server_name))
             finally:
                 os.close(write_fd)
             try:
@@ -123,6 +122,12 @@ class XSession:
             _stop(proc)
             errors.append(f":{number} (rc={proc.returncode})")
         raise RuntimeError("could not start Xvfb on any display: " + ", ".join(errors or ["all taken"]))
+
+    server_name = "xvfb"
+
+    def _server_command(self, number: int, displayfd: int) -> list[str]:
+        return ["Xvfb", f":{number}", "-displayfd", str(displayfd), "-screen", "0",
+                f"{self.width}x{self.height}x24", "-nolisten", "tcp", "-noreset"]
 
     def _read_display_number(self, fd: int) -> bytes:
         """Xvfb writes "N", then a newline, to -displayfd once it accepts connections, and dies if the
@@ -275,7 +280,62 @@ class XSession:
         bgrx = np.frombuffer(reply.data.buf(), np.uint8).reshape(self.height, self.width, 4)
         return np.ascontiguousarray(bgrx[..., 2::-1])
 
+    def screen_size(self) -> tuple[int, int]:
+        """The X screen's size now (xdpyinfo)."""
+        for line in self.run("xdpyinfo", timeout=10).splitlines():
+            if "dimensions:" in line:
+                w, h = line.split()[1].split("x")
+                return int(w), int(h)
+        raise RuntimeError("xdpyinfo printed no dimensions")
+
     @staticmethod
     def save(shot: np.ndarray, path: str | os.PathLike) -> None:
         from PIL import Image
         Image.fromarray(np.ascontiguousarray(shot), "RGB").save(path)
+
+
+XORG_DUMMY_CONF = """\
+Section "ServerFlags"
+    Option "AutoAddDevices" "false"
+    Option "DontVTSwitch" "true"
+EndSection
+Section "Device"
+    Identifier "dummy"
+    Driver "dummy"
+    VideoRam 131072
+EndSection
+Section "Monitor"
+    Identifier "monitor"
+    HorizSync 5.0-1000.0
+    VertRefresh 5.0-200.0
+EndSection
+Section "Screen"
+    Identifier "screen"
+    Device "dummy"
+    Monitor "monitor"
+    DefaultDepth 24
+    SubSection "Display"
+        Depth 24
+        Virtual 3840 2160
+        Modes "{width}x{height}"
+    EndSubSection
+EndSection
+"""
+
+
+class XorgDummySession(XSession):
+    """Xorg with the dummy video driver (xserver-xorg-video-dummy): unlike Xvfb, its screen
+    takes any size through RandR, as a desktop that follows the viewer's window needs."""
+
+    server_name = "xorg"
+
+    def __init__(self, width: int, height: int, log_dir: str | os.PathLike, **kw):
+        super().__init__(width, height, log_dir, **kw)
+        self.config = Path(log_dir) / "xorg-dummy.conf"
+
+    def _server_command(self, number: int, displayfd: int) -> list[str]:
+        self.config.parent.mkdir(parents=True, exist_ok=True)
+        self.config.write_text(XORG_DUMMY_CONF.format(width=self.width, height=self.height))
+        return ["Xorg", f":{number}", "-displayfd", str(displayfd), "-config", str(self.config),
+                "-logfile", str(self.config.with_suffix(".log")), "-nolisten", "tcp", "-noreset",
+                "-novtswitch", "-sharevts"]

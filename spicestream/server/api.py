@@ -147,7 +147,7 @@ class Server:
             raise ValueError("max_clients must be at least 1")
         if max_clipboard < 1:
             raise ValueError("max_clipboard must be at least 1 byte")
-        self._core.clipboard.max_bytes = max_clipboard
+        self._core.clipboard.max_bytes = self.max_clipboard = max_clipboard
         if file_transfer_dir is not None:
             if not os.path.isdir(file_transfer_dir) or not os.access(file_transfer_dir, os.W_OK | os.X_OK):
                 raise ValueError(f"file_transfer_dir {file_transfer_dir!r} is not a folder we can write to")

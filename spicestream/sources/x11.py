@@ -1,5 +1,6 @@
 """Serve a running X server: capture with MIT-SHM, damage from DAMAGE, size from RandR,
-cursor from XFIXES, input through XTEST. An ordinary X client, through xcffib.
+cursor from XFIXES, input through XTEST, the client's window size back through RandR
+(x11randr.py), the selections both ways (x11clip.py). An ordinary X client, through xcffib.
 
 Capture goes into a ring of SysV shared-memory segments the X server writes into directly;
 each published frame is a numpy view on one of them, so the picture reaches the encoder
@@ -20,6 +21,9 @@ import threading
 import time
 
 import numpy as np
+
+from .x11clip import X11ClipboardBridge
+from .x11randr import X11Resizer
 
 log = logging.getLogger("spicestream.x11")
 
@@ -159,8 +163,15 @@ class X11Source:
         self.randr.SelectInput(self.root, xcffib.randr.NotifyMask.ScreenChange)
         self.conn.flush()
         self.keycodes = self._keycode_range()
+        self.resizer = X11Resizer(display_name)
+        # What X applications copy reaches the clients; what clients copy, X applications
+        # (unless view-only: that is input).
+        self.clipboard = X11ClipboardBridge(display_name, server, server.max_clipboard)
         if not view_only:
             server.on_key, server.on_pointer = self.key, self.pointer
+            # A client's window size becomes the screen's, where the X server allows it.
+            server.on_resize = self.resizer.resize
+            server.on_clipboard = self.clipboard.offer
         self._update_cursor()
 
     # -- capture ---------------------------------------------------------------------------------
@@ -289,6 +300,8 @@ class X11Source:
             self.conn.flush()
 
     def close(self) -> None:
+        self.resizer.close()
+        self.clipboard.close()
         with self.lock:
             for seg in self.segments:
                 seg.close(self.shm)

@@ -1,0 +1,118 @@
+"""The X screen follows the client's window: RandR 1.2, as `xrandr --newmode/--addmode/
+--output --mode --fb` would do it, from an X connection of its own (resize requests come on
+the server thread; the capture thread has its connection to itself).
+
+Xorg with the dummy driver and Xvnc take any size up to their maximum; Xvfb's maximum is its
+start size, so there a bigger request is refused, said once in the log, and the size kept.
+The capture side sees the new size through RandR's ScreenChangeNotify (x11.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+log = logging.getLogger("spicestream.x11")
+
+DPI = 96  # for the physical size RandR wants with a screen size
+CONNECTED = 0  # xcb_randr_connection_t: RANDR_CONNECTION_CONNECTED
+ROTATE_0 = 1
+
+
+def mode_timings(width: int, height: int, refresh: int = 60) -> tuple:
+    """A ModeInfo (without id and name length) the dummy driver accepts: blanking like
+    CVT's reduced blanking, a dot clock for `refresh` Hz."""
+    htotal, vtotal = width + 160, height + 30
+    return (width, height, htotal * vtotal * refresh, width + 48, width + 80, htotal, 0,
+            height + 3, height + 8, vtotal)
+
+
+class X11Resizer:
+    """`resize(width, height)`: make the X screen that size if the X server allows it."""
+
+    def __init__(self, display_name: str):
+        import xcffib
+        import xcffib.randr
+
+        self.xcffib, self.randr_mod = xcffib, xcffib.randr
+        self.display_name = display_name
+        self.lock = threading.Lock()
+        self.conn = None
+        self._said: set[str] = set()
+
+    def _connect(self):
+        if self.conn is None:
+            self.conn = self.xcffib.connect(display=self.display_name)
+            self.randr = self.conn(self.randr_mod.key)
+            self.randr.QueryVersion(1, 2).reply()
+            self.root = self.conn.get_setup().roots[0].root
+        return self.randr
+
+    def resize(self, width: int, height: int) -> bool:
+        """True if the screen is now `width` x `height`."""
+        with self.lock:
+            try:
+                why = self._resize(int(width), int(height))
+            except self.xcffib.XcffibException as exc:
+                why = f"the X server refused it ({type(exc).__name__})"
+            except (self.xcffib.ConnectionException, OSError) as exc:
+                self.close()
+                why = f"the X connection failed ({exc})"
+        if why is None:
+            log.info("X screen resized to %dx%d for the client", width, height)
+            return True
+        if why not in self._said:  # once per reason: a window dragged wider says it once
+            self._said.add(why)
+            log.warning("cannot resize the X screen to %dx%d: %s; keeping its size", width, height, why)
+        return False
+
+    def _resize(self, width: int, height: int) -> str | None:
+        randr = self._connect()
+        root = self.root
+        limits = randr.GetScreenSizeRange(root).reply()
+        if not (limits.min_width <= width <= limits.max_width
+                and limits.min_height <= height <= limits.max_height):
+            return (f"the X server takes {limits.min_width}x{limits.min_height} to "
+                    f"{limits.max_width}x{limits.max_height} (Xvfb's maximum is its start size)")
+        res = randr.GetScreenResourcesCurrent(root).reply()
+        output = info = None
+        for candidate in res.outputs:
+            candidate_info = randr.GetOutputInfo(candidate, res.config_timestamp).reply()
+            if candidate_info.connection == CONNECTED and candidate_info.crtc:
+                output, info = candidate, candidate_info
+                break
+        if output is None:
+            return "it has no connected output to set a mode on"
+        crtc = randr.GetCrtcInfo(info.crtc, res.config_timestamp).reply()
+        if (crtc.width, crtc.height) == (width, height):
+            return None
+        modes = {m.id: (m.width, m.height) for m in res.modes}
+        mode = next((m for m in info.modes if modes.get(m) == (width, height)), None)
+        if mode is None:
+            mode = next((m for m, size in modes.items() if size == (width, height)), None)
+            if mode is None:
+                name = f"{width}x{height}_spicestream".encode()
+                mode = randr.CreateMode(root, (0, *mode_timings(width, height), len(name), 0),
+                                        len(name), name).reply().mode
+            randr.AddOutputModeChecked(output, mode).check()
+        # Off, new screen size, on with the new mode: a CRTC may never lie outside the screen.
+        randr.SetCrtcConfig(info.crtc, 0, res.config_timestamp, 0, 0, 0, ROTATE_0, 0, []).reply()
+        randr.SetScreenSizeChecked(root, width, height, width * 254 // (DPI * 10),
+                                   height * 254 // (DPI * 10)).check()
+        reply = randr.SetCrtcConfig(info.crtc, 0, res.config_timestamp, 0, 0, mode,
+                                    crtc.rotation or ROTATE_0, 1, [output]).reply()
+        if reply.status != 0:
+            return f"setting the mode failed (status {reply.status})"
+        # Xvfb takes every request above and keeps its size: believe only the result.
+        geometry = self.conn.core.GetGeometry(root).reply()
+        if (geometry.width, geometry.height) != (width, height):
+            return (f"the X server kept {geometry.width}x{geometry.height} (Xvfb's screen does "
+                    "not change size; Xorg with the dummy driver does)")
+        return None
+
+    def close(self) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.disconnect()
+            finally:
+                self.conn = None
