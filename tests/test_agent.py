@@ -101,6 +101,14 @@ def test_stream_reassembles_across_chunks_and_bounds_sizes():
     with pytest.raises(ProtocolError):
         small.feed(big[:2048])  # refused at the header, before the body is buffered
     assert small.buffered <= 2048
+    # A skippable type over its bound is read past, kept nowhere, and what follows still parses.
+    skipping = AgentStream(lambda kind: 100, lambda kind: kind == AgentMsg.CLIPBOARD)
+    tail = codec.pack(AgentMsg.MAX_CLIPBOARD, codec.make(AgentMsg.MAX_CLIPBOARD, max=9))
+    out = []
+    for part in chunks(big + tail):
+        out += skipping.feed(part)
+        assert skipping.buffered <= 100
+    assert out == [(AgentMsg.CLIPBOARD, None), (AgentMsg.MAX_CLIPBOARD, tail[20:])]
 
 
 def test_file_names_are_sanitised():
@@ -123,6 +131,7 @@ def test_main_init_announces_the_agent_and_its_capabilities(server):
         assert {AgentCap.CLIPBOARD_BY_DEMAND, AgentCap.CLIPBOARD_SELECTION, AgentCap.CLIPBOARD_GRAB_SERIAL,
                 AgentCap.MONITORS_CONFIG, AgentCap.REPLY, AgentCap.MAX_CLIPBOARD,
                 AgentCap.FILE_XFER_DETAILED_ERRORS} <= client.agent_server_caps
+        assert AgentCap.FILE_XFER_DISABLED not in client.agent_server_caps
 
 
 def test_client_text_copy_reaches_on_clipboard(server):
@@ -186,6 +195,19 @@ def test_a_late_client_is_offered_what_is_on_the_clipboard_and_serials_advance(s
         assert grabs[1].serial == grabs[0].serial + 1
         server.set_clipboard(None, selection="primary")
         client.wait_for(lambda c: c.agent_received(AgentMsg.CLIPBOARD_RELEASE), what="a release")
+
+
+def test_a_clipboard_over_the_limit_is_passed_over_and_the_session_goes_on(server):
+    got = calls(server, "on_clipboard")
+    with agent_client(server) as client:
+        client.agent_send(AgentMsg.CLIPBOARD_GRAB, selection=0, serial=0, types=(1).to_bytes(4, "little"))
+        client.wait_for(lambda c: c.agent_received(AgentMsg.CLIPBOARD_REQUEST), what="a request")
+        client.agent_send(AgentMsg.CLIPBOARD, selection=0, type=1, data=b"x" * ((1 << 20) + 1))
+        client.agent_send(AgentMsg.CLIPBOARD_GRAB, selection=0, serial=1, types=(1).to_bytes(4, "little"))
+        client.wait_for(lambda c: len(c.agent_received(AgentMsg.CLIPBOARD_REQUEST)) == 2, what="a second request")
+        client.agent_send(AgentMsg.CLIPBOARD, selection=0, type=1, data=b"small")
+        assert got.get(timeout=5) == ("text/plain;charset=utf-8", b"small", "clipboard")
+        assert got.empty()
 
 
 def test_set_clipboard_refuses_what_it_cannot_offer(server):
@@ -277,6 +299,7 @@ def test_file_transfer_refusals_and_cancels_leave_nothing(server, tmp_path):
 def test_file_transfer_is_refused_without_a_folder():
     with spicestream.Server(port=0, width=64, height=64) as srv:
         with agent_client(srv) as client:
+            assert AgentCap.FILE_XFER_DISABLED in client.agent_server_caps  # spice-gtk stops there
             assert send_file(client, 9, "a.txt", b"abc").result == XferStatus.DISABLED
 
 
@@ -286,10 +309,10 @@ def test_hostile_agent_data_closes_only_that_client(server):
         bad = [TestClient("127.0.0.1", server.port, agent_caps=GTK_CAPS, channels=()).connect() for _ in range(3)]
         for client in bad:
             client.wait_for(lambda c: c.agent_server_caps is not None, what="the agent's capabilities")
-        # A wrong protocol number; a clipboard over the limit (refused at its header, before
-        # its body is buffered); a monitor count beyond any display.
+        # A wrong protocol number; a monitors config over any display's size (refused at its
+        # header, before its body is buffered); a monitor count beyond any display.
         bad[0].agent_send_raw(HEADER.pack(HEADER.type(7, 4, 0, 4)) + b"\0" * 4)
-        bad[1].agent_send_raw(HEADER.pack(HEADER.type(1, 4, 0, (1 << 20) + 100)))
+        bad[1].agent_send_raw(HEADER.pack(HEADER.type(1, AgentMsg.MONITORS_CONFIG, 0, 1 << 20)))
         bad[2].agent_send(AgentMsg.MONITORS_CONFIG, num_of_monitors=1000, flags=0, monitors=b"")
         for client in bad:
             client.wait_for(lambda c: Ch.MAIN in c.closed_channels, what="the bad client closed")

@@ -239,17 +239,29 @@ def monitors_of(message, limit: int = 16) -> list:
 
 class AgentStream:
     """Reassembles the agent messages a client sends, chunk by chunk, with each message's
-    size bounded before any of its body is buffered (`limit_of(type)` gives the bound)."""
+    size bounded before any of its body is buffered (`limit_of(type)` gives the bound).
 
-    def __init__(self, limit_of):
-        self.limit_of = limit_of
+    A message over its bound is fatal, except for the types `skippable(type)` names: those
+    (a clipboard larger than the server takes) are read past without being kept, and come
+    out as (type, None)."""
+
+    def __init__(self, limit_of, skippable=lambda kind: False):
+        self.limit_of, self.skippable = limit_of, skippable
         self._buf = bytearray()
         self._header = None
+        self._skip = 0  # bytes of an oversized message still to read past
 
-    def feed(self, chunk: bytes) -> list[tuple[int, bytes]]:
+    def feed(self, chunk: bytes) -> list[tuple[int, bytes | None]]:
         """Complete (type, body) messages; raises ProtocolError for a bad or oversized one."""
-        self._buf += chunk
         out = []
+        if self._skip:
+            dropped = min(self._skip, len(chunk))
+            self._skip -= dropped
+            chunk = chunk[dropped:]
+            if not self._skip:
+                out.append((self._header.type, None))
+                self._header = None
+        self._buf += chunk
         while True:
             if self._header is None:
                 if len(self._buf) < HEADER_SIZE:
@@ -257,12 +269,21 @@ class AgentStream:
                 header = HEADER.unpack(bytes(self._buf[:HEADER_SIZE]))
                 if header.protocol != PROTOCOL:
                     raise ProtocolError(f"agent protocol {header.protocol}")
-                limit = self.limit_of(header.type)
-                if header.size > limit:
-                    raise ProtocolError(f"agent message type {header.type} of {header.size} bytes "
-                                        f"(at most {limit})")
                 del self._buf[:HEADER_SIZE]
                 self._header = header
+                limit = self.limit_of(header.type)
+                if header.size > limit:
+                    if not self.skippable(header.type):
+                        raise ProtocolError(f"agent message type {header.type} of {header.size} "
+                                            f"bytes (at most {limit})")
+                    dropped = min(header.size, len(self._buf))
+                    del self._buf[:dropped]
+                    self._skip = header.size - dropped
+                    if self._skip:
+                        break
+                    out.append((header.type, None))
+                    self._header = None
+                    continue
             if len(self._buf) < self._header.size:
                 break
             size = self._header.size

@@ -132,7 +132,8 @@ class Agent:
         self.queued_bytes = 0
         self._seq = 0
         self._sending: int | None = None  # the message partly sent, if any
-        self.stream = AgentStream(self._limit_of)
+        # A client copying more than we take is no attack: its clipboard is read past.
+        self.stream = AgentStream(self._limit_of, lambda kind: kind == AgentMsg.CLIPBOARD)
         # GRAB_SERIAL: one counter per selection shared with the client, as spice-vdagent
         # keeps it: each GRAB, from either side, carries it and moves it on (_client_grab).
         self.serial = {s: 0 for s in Selection}
@@ -165,6 +166,11 @@ class Agent:
             self.tokens_granted += self.consumed
             self.consumed = 0
         for kind, body in self.stream.feed(chunk):
+            if body is None:
+                self.stats["clipboard_over_limit"] += 1
+                log.info("%s: a clipboard over --max-clipboard (%d bytes) was not taken", self.peer,
+                         self.core.clipboard.max_bytes)
+                continue
             message = self.codec.unpack(kind, body)
             self.stats[AgentMsg(kind).name if kind in AgentMsg._value2member_map_ else "unknown"] += 1
             if message is not None:
@@ -219,7 +225,8 @@ class Agent:
         self.conn.flush()
 
     def _announce(self, request: bool) -> None:
-        self.send(AgentMsg.ANNOUNCE_CAPABILITIES, request=int(request), caps=caps_words(OUR_CAPS))
+        caps = OUR_CAPS if self.core.file_transfer is not None else OUR_CAPS | {AgentCap.FILE_XFER_DISABLED}
+        self.send(AgentMsg.ANNOUNCE_CAPABILITIES, request=int(request), caps=caps_words(caps))
 
     # -- agent messages -------------------------------------------------------------------
     def _handle(self, kind: AgentMsg, message) -> None:
