@@ -14,6 +14,8 @@ PACKAGES=(
   xvfb xdotool xclip imagemagick x11-utils x11-xserver-utils xterm iproute2
   xserver-xorg-video-dummy  # an Xorg whose screen follows the client (RandR), for --source x11
   virt-viewer spice-client-gtk gir1.2-spiceclientglib-2.0 spice-html5 chromium
+  # sound: Opus (libopus through ctypes), PulseAudio to record what clients play, pulsesrc
+  libopus0 pulseaudio pulseaudio-utils gstreamer1.0-pulseaudio
   # the reference server, for side-by-side figures (bench/glass_x11.py)
   xserver-xspice
 )

@@ -73,6 +73,29 @@ class InputsCap(IntEnum):
     KEY_SCANCODE = 0
 
 
+class PlaybackCap(IntEnum):
+    CELT_0_5_1 = 0
+    VOLUME = 1
+    LATENCY = 2
+    OPUS = 3
+
+
+class RecordCap(IntEnum):
+    CELT_0_5_1 = 0
+    VOLUME = 1
+    OPUS = 2
+
+
+class AudioDataMode(IntEnum):
+    INVALID = 0
+    RAW = 1
+    CELT_0_5_1 = 2
+    OPUS = 3
+
+
+AUDIO_FMT_S16 = 1  # signed 16-bit little-endian, interleaved
+
+
 class MouseMode(IntEnum):
     SERVER = 1
     CLIENT = 2

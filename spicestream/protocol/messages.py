@@ -105,6 +105,22 @@ SERVER_TABLE: list[tuple[Ch | None, int, str, list[tuple[str, Any]]]] = [
     (Ch.INPUTS, 101, "INIT", [("keyboard_modifiers", u16)]),
     (Ch.INPUTS, 102, "KEY_MODIFIERS", [("modifiers", u16)]),
     (Ch.INPUTS, 111, "MOUSE_MOTION_ACK", []),
+    # Sound (server/audio.py). spice.proto: audio_data_mode and audio_fmt are 16-bit enums on
+    # the wire (the old protocol.h structs say u32; the marshallers and spice-html5 use u16).
+    # MODE goes before START (spice-gtk builds its decoder on START from the mode); packets
+    # are 10 ms; `time` is the media clock (brief §4.4), never 0 (spice-html5 restarts).
+    (Ch.PLAYBACK, 101, "DATA", [("time", u32), ("data", Rest())]),
+    (Ch.PLAYBACK, 102, "MODE", [("time", u32), ("mode", u16), ("data", Rest())]),
+    (Ch.PLAYBACK, 103, "START", [("channels", u32), ("format", u16), ("frequency", u32),
+                                 ("time", u32)]),
+    (Ch.PLAYBACK, 104, "STOP", []),
+    (Ch.PLAYBACK, 105, "VOLUME", [("volume", Array(u8, u16))]),  # 65535: full scale
+    (Ch.PLAYBACK, 106, "MUTE", [("mute", u8)]),
+    (Ch.PLAYBACK, 107, "LATENCY", [("latency_ms", u32)]),
+    (Ch.RECORD, 101, "START", [("channels", u32), ("format", u16), ("frequency", u32)]),
+    (Ch.RECORD, 102, "STOP", []),
+    (Ch.RECORD, 103, "VOLUME", [("volume", Array(u8, u16))]),
+    (Ch.RECORD, 104, "MUTE", [("mute", u8)]),
     (Ch.CURSOR, 101, "INIT", [("position", Point16), ("trail_length", u16),
                               ("trail_frequency", u16), ("visible", u8), ("cursor", Rest())]),
     (Ch.CURSOR, 102, "RESET", []),
@@ -137,6 +153,11 @@ CLIENT_TABLE: list[tuple[Ch | None, int, str, list[tuple[str, Any]]]] = [
     (Ch.DISPLAY, 103, "PREFERRED_COMPRESSION", [("image_compression", u8)]),
     (Ch.DISPLAY, 104, "GL_DRAW_DONE", []),
     (Ch.DISPLAY, 105, "PREFERRED_VIDEO_CODEC_TYPE", [("codecs", Array(u8, u8))]),
+    # The microphone: MODE, START_MARK, then one 10 ms packet per DATA (spice-gtk sends
+    # time 0 throughout: the server does not use it).
+    (Ch.RECORD, 101, "DATA", [("time", u32), ("data", Rest())]),
+    (Ch.RECORD, 102, "MODE", [("time", u32), ("mode", u16), ("data", Rest())]),
+    (Ch.RECORD, 103, "START_MARK", [("time", u32)]),
     (Ch.INPUTS, 101, "KEY_DOWN", [("code", u32)]),
     (Ch.INPUTS, 102, "KEY_UP", [("code", u32)]),
     (Ch.INPUTS, 103, "KEY_MODIFIERS", [("modifiers", u16)]),
@@ -158,6 +179,8 @@ CLIENT_BODY_LIMITS = {
     "MAIN_AGENT_DATA": 4096,  # VD_AGENT chunks are at most 2048 bytes (brief §8)
     "DISPLAY_PREFERRED_VIDEO_CODEC_TYPE": 1 + 255,  # u8 count, u8 codecs
     "INPUTS_KEY_SCANCODE": 64,  # one key's make/break bytes: a few, up to the Pause sequence
+    "RECORD_DATA": 4 + 4 * 1920,  # 10 ms: an Opus packet (<= 1275) or raw PCM (1920 B stereo)
+    "RECORD_MODE": 4 + 2 + 64,
 }
 UNKNOWN_BODY_LIMIT = 64 << 10
 

@@ -196,6 +196,24 @@ class Server:
         self._core.on_pointer = callback
 
     @property
+    def audio(self):
+        """What the application plays: `server.audio.write(samples, rate=48000, channels=None)`
+        (int16 or float32, interleaved or (n, channels), mono or stereo, 44.1/48 kHz; any
+        thread) and `server.audio.set_volume(0.0-1.0, muted=None)`."""
+        return self._core.audio.output
+
+    @property
+    def on_audio_in(self):
+        return self._core.on_audio_in
+
+    @on_audio_in.setter
+    def on_audio_in(self, callback) -> None:
+        """(samples, rate, channels): a client's microphone, 10 ms at a time ((n, 2) int16 at
+        48 kHz). Clients record only while this is set."""
+        self._core.on_audio_in = callback
+        self._call_on_loop(lambda: [c.sync() for c in list(self._core.record_channels)])
+
+    @property
     def on_clipboard(self):
         return self._core.on_clipboard
 
@@ -310,6 +328,10 @@ class Server:
         self._loop_thread = threading.current_thread()
         self._stopping = asyncio.Event()
         self.display.wake = self._wake
+        pump = self._core.audio
+        pump.output.wake = lambda: self._call_on_loop(pump.wake)
+        pump.output.on_volume = lambda: self._call_on_loop(
+            lambda: [c.send_volume() for c in list(pump.channels)])
         listener = await loop.create_server(lambda: ChannelConnection(self._core), self.host, self.port)
         self.port = listener.sockets[0].getsockname()[1]
         log.info("listening on %s:%d", self.host, self.port)

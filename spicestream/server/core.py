@@ -15,11 +15,22 @@ import uuid as uuidlib
 from typing import Callable
 
 from ..display.surface import Display
-from ..protocol.constants import ChannelType, DisplayCap, InputsCap, LinkError, MainCap, MouseMode
+from ..audio.output import AudioOutput
+from ..protocol.constants import (
+    ChannelType,
+    DisplayCap,
+    InputsCap,
+    LinkError,
+    MainCap,
+    MouseMode,
+    PlaybackCap,
+    RecordCap,
+)
 from ..protocol.link import LinkRequested
 from ..protocol.messages import SERVER
 from ..video.streampolicy import wire_stamp
 from .agent import ClipboardBoard
+from .audio import AudioPump, PlaybackChannel, RecordChannel
 from .channels import CursorChannel, DisplayChannel, InputsChannel, MainChannel
 from .filexfer import FileTransferConfig
 from .connection import UnlinkedConnections
@@ -36,15 +47,20 @@ CHANNEL_CAPS = {
                           DisplayCap.PREF_VIDEO_CODEC_TYPE),
     ChannelType.INPUTS: (InputsCap.KEY_SCANCODE,),
     ChannelType.CURSOR: (),
+    ChannelType.PLAYBACK: (PlaybackCap.VOLUME, PlaybackCap.LATENCY, PlaybackCap.OPUS),
+    ChannelType.RECORD: (RecordCap.VOLUME, RecordCap.OPUS),
 }
 HANDLERS = {
     ChannelType.MAIN: MainChannel,
     ChannelType.DISPLAY: DisplayChannel,
     ChannelType.INPUTS: InputsChannel,
     ChannelType.CURSOR: CursorChannel,
+    ChannelType.PLAYBACK: PlaybackChannel,
+    ChannelType.RECORD: RecordChannel,
 }
 # Offered to clients in CHANNELS_LIST, in this order (main is implicit).
-OFFERED = [(ChannelType.DISPLAY, 0), (ChannelType.INPUTS, 0), (ChannelType.CURSOR, 0)]
+OFFERED = [(ChannelType.DISPLAY, 0), (ChannelType.INPUTS, 0), (ChannelType.CURSOR, 0),
+           (ChannelType.PLAYBACK, 0), (ChannelType.RECORD, 0)]
 # How far the client's media clock runs behind ours (brief §4.4). spice-server uses 400 ms
 # for every stream; we keep the clocks together and put the delay in each stream's stamps,
 # where the rate controller adapts it per client (video/ratecontrol.py, playout delay).
@@ -89,6 +105,9 @@ class ServerCore:
         self.on_file: Callable[[str, str], None] | None = None
         self.clipboard = ClipboardBoard(self, DEFAULT_MAX_CLIPBOARD)
         self.file_transfer: FileTransferConfig | None = None  # off without a folder
+        self.audio = AudioPump(self, AudioOutput())  # the Server wires its wake-up to the loop
+        self.record_channels: set[RecordChannel] = set()
+        self.on_audio_in: Callable[[object, int, int], None] | None = None
         self.latency_ms = INIT_LATENCY_MS
         self.max_clients = DEFAULT_MAX_CLIENTS
         self.offered = OFFERED
@@ -222,6 +241,9 @@ class ServerCore:
             self._call(callback, width, height, monitors)
         else:
             self._call(callback, width, height)
+
+    def emit_audio_in(self, samples, rate: int, channels: int) -> None:
+        self._call(self.on_audio_in, samples, rate, channels)
 
     def emit_file(self, name: str, path: str) -> None:
         self._call(self.on_file, name, path)

@@ -76,12 +76,14 @@ class TestClient:
                  display_caps=DEFAULT_DISPLAY_CAPS, channels=(Ch.DISPLAY, Ch.INPUTS, Ch.CURSOR),
                  mini_header: bool = True, main_caps=(), decode_streams: bool = True,
                  send_reports: bool = True, log_limit: int = 200, tls_port: int | None = None,
-                 tls=None, tls_first: bool = False, agent_caps=None, agent_tokens: int = 0xFFFFFFFF):
+                 tls=None, tls_first: bool = False, agent_caps=None, agent_tokens: int = 0xFFFFFFFF,
+                 channel_caps: dict | None = None):
         self.host, self.port, self.password = host, port, password
         # Like spice-gtk: a channel refused with NEED_SECURED links again on the TLS port.
         self.tls_port, self.tls, self.tls_first = tls_port, tls, tls_first
         self.secured_channels: set[int] = set()
         self.display_caps, self.wanted, self.main_caps = display_caps, channels, main_caps
+        self.channel_caps = channel_caps or {}  # caps of the other channels, by type
         self.common_caps = (CommonCap.PROTOCOL_AUTH_SELECTION,) + (
             (CommonCap.MINI_HEADER,) if mini_header else ())
         self.frame: np.ndarray | None = None
@@ -230,7 +232,7 @@ class TestClient:
         await self._link(Ch.MAIN, 0, self.main_caps)
         await asyncio.wait_for(self._channels_list, 10)
         for t in self.wanted:
-            caps = self.display_caps if t == Ch.DISPLAY else ()
+            caps = self.display_caps if t == Ch.DISPLAY else self.channel_caps.get(t, ())
             channel = await self._link(t, self.session_id, caps)
             if t == Ch.DISPLAY:
                 channel.send(CLIENT.DISPLAY_INIT(1, 20 << 20, 1, 3 << 20))

@@ -1,0 +1,197 @@
+"""Sound the application plays (`server.audio`): samples in, 10 ms packets out, on the one
+media clock the video stamps use.
+
+`AudioOutput.write` takes int16 or float32 samples, interleaved or (n, channels), mono or
+stereo, at 44.1 or 48 kHz, from any thread; they become 48 kHz stereo int16 in a queue
+bounded at MAX_QUEUED_S (the oldest go first when a producer runs ahead). `PacketClock`
+(pure: fed with `now_ms`) cuts the queue into 10 ms packets at real-time pace: it starts a
+stream when sound arrives, stamps packets 10 ms apart (never backwards, a gap after an
+underrun), and ends the stream after STOP_AFTER_MS of silence, so idle costs nothing. One
+Opus encode per packet serves every client (server/audio.py sends them).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+RATE = 48000
+CHANNELS = 2
+PACKET_SAMPLES = 480  # 10 ms at 48 kHz: what spice-gtk and spice-html5 decode
+PACKET_MS = 10
+MAX_QUEUED_S = 1.0
+AHEAD_MS = 20  # send a packet this long before its time comes (the network's share)
+STOP_AFTER_MS = 300  # no sound for this long: STOP (clients close their audio device)
+RATES = (44100, 48000)
+
+
+class AudioError(ValueError):
+    """Samples the server cannot take (type, rate, shape)."""
+
+
+class Resampler:
+    """44.1 -> 48 kHz by linear interpolation, continuous across calls (a few hundred
+    samples of state); 48 kHz passes through."""
+
+    def __init__(self, rate: int):
+        self.rate = rate
+        self._last: np.ndarray | None = None  # the previous call's last input sample
+        self._pos = 0.0  # position of the next output sample, in input samples from _last
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self.rate == RATE or len(x) == 0:
+            return x
+        src = x if self._last is None else np.concatenate([self._last[None], x])
+        step = self.rate / RATE
+        stop = len(src) - 1
+        positions = np.arange(self._pos, stop, step)
+        out = np.empty((len(positions), x.shape[1]), np.float32)
+        for c in range(x.shape[1]):
+            out[:, c] = np.interp(positions, np.arange(len(src)), src[:, c])
+        self._pos = (positions[-1] + step - stop) if len(positions) else self._pos - stop
+        self._last = src[-1].copy()
+        return out
+
+
+def to_stereo(samples, channels: int | None) -> np.ndarray:
+    """(n, channels) float32 in [-1, 1] from int16 or float32, interleaved or 2-D."""
+    a = np.asarray(samples)
+    if a.dtype == np.int16:
+        a = a.astype(np.float32) / 32768.0
+    elif a.dtype != np.float32 and a.dtype != np.float64:
+        raise AudioError(f"samples of {a.dtype}: int16 or float32")
+    a = a.astype(np.float32, copy=False)
+    if a.ndim == 1:
+        channels = channels or 1
+        if channels not in (1, 2) or a.size % channels:
+            raise AudioError(f"{a.size} interleaved samples of {channels} channel(s)")
+        a = a.reshape(-1, channels)
+    elif a.ndim != 2 or a.shape[1] not in (1, 2):
+        raise AudioError(f"samples shaped {a.shape}: (n,), (n, 1) or (n, 2)")
+    return a
+
+
+@dataclass
+class Packet:
+    time_ms: int  # the media clock at which it plays (unwrapped)
+    pcm: np.ndarray  # (480, 2) int16
+
+
+class PacketClock:
+    """When packets go out and what they are stamped. Pure: `now_ms` is passed in."""
+
+    def __init__(self):
+        self.playing = False
+        self.next_ms = 0  # the media time of the next packet
+        self.last_sound_ms = 0
+
+    def due(self, now_ms: int, queued_samples: int) -> tuple[str | None, int]:
+        """('start' | 'stop' | None, packets to send now)."""
+        event = None
+        if not self.playing:
+            if queued_samples < PACKET_SAMPLES:
+                return None, 0
+            self.playing, self.next_ms, event = True, now_ms, "start"
+        elif queued_samples < PACKET_SAMPLES:
+            if now_ms - self.last_sound_ms >= STOP_AFTER_MS:
+                self.playing = False
+                return "stop", 0
+            return None, 0
+        if self.next_ms < now_ms - AHEAD_MS:
+            self.next_ms = now_ms  # the producer fell behind: a gap, never time going back
+        count = 0
+        while queued_samples >= PACKET_SAMPLES * (count + 1) and self.next_ms + count * PACKET_MS <= now_ms + AHEAD_MS:
+            count += 1
+        return event, count
+
+    def sent(self, now_ms: int) -> int:
+        """Stamp (media ms) of the packet going out now."""
+        stamp = self.next_ms
+        self.next_ms += PACKET_MS
+        self.last_sound_ms = now_ms
+        return stamp
+
+
+class AudioOutput:
+    """`server.audio`: what the application plays. `wake` is called (from any thread) when
+    samples arrive; the server's loop then calls `take(n)`."""
+
+    def __init__(self, wake=lambda: None):
+        self.wake = wake
+        self._lock = threading.Lock()
+        self._chunks: list[np.ndarray] = []  # float32 (n, 2) at 48 kHz
+        self._queued = 0
+        self._resamplers: dict[int, Resampler] = {}
+        self.volume = 1.0
+        self.muted = False
+        self.on_volume = lambda: None  # the server's: tell clients
+        self.dropped_samples = 0
+        self.written_samples = 0
+
+    def write(self, samples, rate: int = RATE, channels: int | None = None) -> None:
+        """Queue samples to play: int16 or float32; interleaved 1-D (give `channels`, default
+        mono) or (n, channels); `rate` 44100 or 48000. Any thread."""
+        if rate not in RATES:
+            raise AudioError(f"rate {rate}: one of {', '.join(map(str, RATES))}")
+        a = to_stereo(samples, channels)
+        with self._lock:
+            resampler = self._resamplers.setdefault(rate, Resampler(rate))
+            a = resampler(a)
+            if a.shape[1] == 1:
+                a = np.repeat(a, 2, axis=1)
+            self._chunks.append(np.ascontiguousarray(a, np.float32))
+            self._queued += len(a)
+            self.written_samples += len(a)
+            excess = self._queued - int(MAX_QUEUED_S * RATE)
+            if excess > 0:
+                self._drop(excess)
+        self.wake()
+
+    def _drop(self, n: int) -> None:
+        self.dropped_samples += n
+        self._queued -= n
+        while n > 0:
+            head = self._chunks[0]
+            if len(head) <= n:
+                n -= len(head)
+                self._chunks.pop(0)
+            else:
+                self._chunks[0] = head[n:]
+                n = 0
+
+    @property
+    def queued(self) -> int:
+        with self._lock:
+            return self._queued
+
+    def take(self, n: int = PACKET_SAMPLES) -> np.ndarray | None:
+        """The next n samples as (n, 2) int16, or None if fewer are queued."""
+        with self._lock:
+            if self._queued < n:
+                return None
+            parts, need = [], n
+            while need:
+                head = self._chunks[0]
+                part = head[:need]
+                parts.append(part)
+                need -= len(part)
+                if len(part) == len(head):
+                    self._chunks.pop(0)
+                else:
+                    self._chunks[0] = head[len(part):]
+            self._queued -= n
+        pcm = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        return np.clip(np.rint(pcm * 32768.0), -32768, 32767).astype(np.int16)  # int16 in: exact
+
+    def set_volume(self, volume: float, muted: bool | None = None) -> None:
+        """Clients' playback volume, 0.0-1.0 (and mute). Any thread."""
+        self.volume = min(1.0, max(0.0, float(volume)))
+        if muted is not None:
+            self.muted = bool(muted)
+        self.on_volume()
+
+    def stats(self) -> dict:
+        return {"written_samples": self.written_samples, "dropped_samples": self.dropped_samples,
+                "queued_samples": self.queued}

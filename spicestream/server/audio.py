@@ -1,0 +1,215 @@
+"""Sound channels: playback (the application's sound to every client, one Opus encode shared)
+and record (a client's microphone to `on_audio_in`).
+
+Playback stamps are the media clock the video stamps use, plus PLAYBACK_DELAY_MS: spice-gtk
+sets its clock to a packet's time less its own audio pipeline delay, so packets stamped with
+the moment they will be heard keep the client's clock on ours and video frames neither late
+nor held. MODE goes before START (spice-gtk builds its decoder from it); STOP follows
+silence. A client whose socket is full keeps at most MAX_PENDING packets, the newest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..audio.opus import OpusDecoder, OpusEncoder, OpusError
+from ..audio.output import CHANNELS, PACKET_MS, PACKET_SAMPLES, RATE, AudioOutput, PacketClock
+from ..protocol.constants import AUDIO_FMT_S16, AudioDataMode, PlaybackCap, RecordCap, has_cap
+from ..protocol.messages import CLIENT, SERVER
+from ..protocol.wire import ProtocolError
+from ..video.streampolicy import wire_stamp
+from .channels import ChannelHandler
+
+if TYPE_CHECKING:
+    from .core import ServerCore
+
+log = logging.getLogger("spicestream.audio")
+
+PLAYBACK_DELAY_MS = 60  # what we ask clients to buffer (LATENCY), and stamp packets with
+MAX_PENDING = 20  # 200 ms of packets waiting for a client's socket
+TICK_S = 0.005
+
+
+class AudioPump:
+    """On the loop: turns `server.audio` into packets at real-time pace and hands each, once
+    encoded, to every playback channel."""
+
+    def __init__(self, core: "ServerCore", output: AudioOutput):
+        self.core, self.output = core, output
+        self.clock = PacketClock()
+        self.channels: set[PlaybackChannel] = set()
+        self.encoder: OpusEncoder | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self.packets = 0
+        self.encode_s = 0.0
+
+    def wake(self) -> None:
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_soon(self.pump)
+
+    def pump(self) -> None:
+        self._timer = None
+        now = self.core.mm_ms(self.core.clock())
+        event, count = self.clock.due(now, self.output.queued)
+        if event == "start":
+            for channel in list(self.channels):
+                channel.start_stream(now)
+        for _ in range(count):
+            pcm = self.output.take(PACKET_SAMPLES)
+            if pcm is None:
+                break
+            stamp = self.clock.sent(now) + PLAYBACK_DELAY_MS
+            opus = self._encode(pcm) if any(c.opus for c in self.channels) else None
+            raw = pcm.tobytes()
+            self.packets += 1
+            for channel in list(self.channels):
+                channel.send_packet(stamp, opus, raw)
+        if event == "stop":
+            for channel in list(self.channels):
+                channel.stop_stream()
+        if self.clock.playing:
+            self._timer = asyncio.get_running_loop().call_later(TICK_S, self.pump)
+
+    def _encode(self, pcm: np.ndarray) -> bytes:
+        if self.encoder is None:
+            self.encoder = OpusEncoder(RATE, CHANNELS)
+        start = self.core.clock()
+        packet = self.encoder.encode(pcm)
+        self.encode_s += self.core.clock() - start
+        return packet
+
+    def stats(self) -> dict:
+        return {"packets": self.packets, "playing": self.clock.playing,
+                "encode_ms_per_packet": round(1000 * self.encode_s / max(1, self.packets), 3),
+                **self.output.stats()}
+
+
+class PlaybackChannel(ChannelHandler):
+    def start(self) -> None:
+        self.opus = has_cap(self.caps, PlaybackCap.OPUS)
+        self.volume_cap = has_cap(self.caps, PlaybackCap.VOLUME)
+        self.latency_cap = has_cap(self.caps, PlaybackCap.LATENCY)
+        self.pending: collections.deque = collections.deque(maxlen=MAX_PENDING)
+        self.streaming = False
+        self.dropped = 0
+        self.sent = 0
+        self.last_stamp = 0
+        pump = self.core.audio
+        pump.channels.add(self)
+        self.send_volume()
+        if pump.clock.playing:  # joined while sound plays: start at the next packet
+            self.start_stream(self.core.mm_ms(self.core.clock()))
+
+    def send_volume(self) -> None:
+        if not self.volume_cap:
+            return
+        output = self.core.audio.output
+        level = int(round(output.volume * 65535))
+        self.conn.send(SERVER.PLAYBACK_VOLUME((level,) * CHANNELS))
+        self.conn.send(SERVER.PLAYBACK_MUTE(int(output.muted)))
+        self.conn.flush()
+
+    def start_stream(self, now_ms: int) -> None:
+        mode = AudioDataMode.OPUS if self.opus else AudioDataMode.RAW
+        time = wire_stamp(now_ms + PLAYBACK_DELAY_MS)
+        self.conn.send(SERVER.PLAYBACK_MODE(time, mode, b""))
+        self.conn.send(SERVER.PLAYBACK_START(CHANNELS, AUDIO_FMT_S16, RATE, time))
+        if self.latency_cap:
+            self.conn.send(SERVER.PLAYBACK_LATENCY(PLAYBACK_DELAY_MS))
+        self.streaming = True
+        self.conn.flush()
+
+    def send_packet(self, stamp_ms: int, opus: bytes | None, raw: bytes) -> None:
+        if not self.streaming:
+            return
+        data = opus if self.opus else raw
+        if len(self.pending) == self.pending.maxlen:
+            self.dropped += 1  # the oldest goes: a stalled client never grows memory
+        self.pending.append(SERVER.PLAYBACK_DATA(wire_stamp(stamp_ms), data))
+        self.writable()
+
+    def writable(self) -> None:
+        while self.pending and self.conn.can_send:
+            self.conn.send(self.pending.popleft())
+            self.sent += 1
+        self.conn.flush()
+
+    def stop_stream(self) -> None:
+        if self.streaming:
+            self.pending.clear()
+            self.conn.send(SERVER.PLAYBACK_STOP())
+            self.conn.flush()
+            self.streaming = False
+
+    def closed(self) -> None:
+        self.core.audio.channels.discard(self)
+        super().closed()
+
+    def stats(self) -> dict:
+        return {"mode": "opus" if self.opus else "raw", "sent": self.sent, "dropped": self.dropped}
+
+
+class RecordChannel(ChannelHandler):
+    """A client's microphone: recording runs while the application has `on_audio_in`."""
+
+    def start(self) -> None:
+        self.opus_cap = has_cap(self.caps, RecordCap.OPUS)
+        self.mode = AudioDataMode.RAW  # until MODE says otherwise (as spice-server does)
+        self.decoder: OpusDecoder | None = None
+        self.recording = False
+        self.packets = 0
+        self.core.record_channels.add(self)
+        self.sync()
+
+    def sync(self) -> None:
+        """START while the application listens, STOP when it stops."""
+        want = self.core.on_audio_in is not None
+        if want and not self.recording:
+            self.conn.send(SERVER.RECORD_START(CHANNELS, AUDIO_FMT_S16, RATE))
+        elif not want and self.recording:
+            self.conn.send(SERVER.RECORD_STOP())
+        self.recording = want
+        self.conn.flush()
+
+    def handle(self, message) -> None:
+        kind = type(message)
+        if kind is CLIENT.RECORD_MODE:
+            if message.mode not in (AudioDataMode.RAW, AudioDataMode.OPUS):
+                raise ProtocolError(f"record mode {message.mode}")
+            if message.mode == AudioDataMode.OPUS and not self.opus_cap:
+                raise ProtocolError("Opus recording from a client that did not announce it")
+            self.mode = AudioDataMode(message.mode)
+        elif kind is CLIENT.RECORD_DATA:
+            if not self.recording:
+                return  # in flight when we stopped
+            self.packets += 1
+            self.core.emit_audio_in(self._decode(message.data), RATE, CHANNELS)
+
+    def _decode(self, data: bytes) -> np.ndarray:
+        if self.mode == AudioDataMode.OPUS:
+            if self.decoder is None:
+                self.decoder = OpusDecoder(RATE, CHANNELS)
+            try:
+                pcm = self.decoder.decode(data)
+            except OpusError as exc:
+                raise ProtocolError(f"record data: {exc}") from None
+            if len(pcm) > PACKET_SAMPLES * 6:  # 60 ms: more than a microphone packet holds
+                raise ProtocolError(f"record packet of {len(pcm)} samples")
+            return pcm
+        if len(data) % (2 * CHANNELS):
+            raise ProtocolError(f"raw record data of {len(data)} bytes")
+        return np.frombuffer(data, "<i2").reshape(-1, CHANNELS).copy()
+
+    def closed(self) -> None:
+        self.core.record_channels.discard(self)
+        if self.decoder is not None:
+            self.decoder.close()
+        super().closed()
+
+
+__all__ = ["AudioPump", "PlaybackChannel", "RecordChannel", "PACKET_MS"]

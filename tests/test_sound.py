@@ -1,0 +1,273 @@
+"""Sound: the packet clock with an injected clock, PCM conversion, the playback and record
+channels with the headless client (Opus and raw, shared encode, stalled clients, hostile
+microphone data), and remote-viewer playing a tone into a PulseAudio null sink."""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import spicestream
+from spicestream.audio.opus import OpusDecoder, OpusEncoder
+from spicestream.audio.output import (
+    AHEAD_MS,
+    PACKET_MS,
+    STOP_AFTER_MS,
+    AudioError,
+    AudioOutput,
+    PacketClock,
+    Resampler,
+)
+from spicestream.protocol.constants import AudioDataMode, PlaybackCap, RecordCap
+from spicestream.protocol.constants import ChannelType as Ch
+from spicestream.protocol.messages import CLIENT, SERVER
+from spicestream.testing.client import TestClient
+
+import pulse
+
+try:
+    from . import xclient
+except ImportError:
+    import xclient
+
+RATE = 48000
+
+
+def tone(freq: float, start: int, n: int, level: float = 0.5) -> np.ndarray:
+    return (np.sin(2 * np.pi * freq * np.arange(start, start + n) / RATE) * level).astype(np.float32)
+
+
+def peak_hz(x: np.ndarray, rate: int = RATE) -> float:
+    spectrum = np.abs(np.fft.rfft(x * np.hanning(len(x))))
+    return float(np.argmax(spectrum) * rate / len(x))
+
+
+class TonePlayer:
+    """Writes a tone to server.audio in 10 ms pieces, paced by deadline (not by sleeping after
+    the work); counts the samples it wrote."""
+
+    def __init__(self, server, freq=440.0, seconds=None):
+        self.server, self.freq, self.seconds = server, freq, seconds
+        self.written = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self):
+        start = time.monotonic()
+        while not self.stop.is_set():
+            if self.seconds is not None and self.written >= self.seconds * RATE:
+                break
+            self.server.audio.write(tone(self.freq, self.written, 480))
+            self.written += 480
+            self.stop.wait(max(0.0, start + self.written / RATE - time.monotonic()))
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(5)
+
+
+# -- pure parts ------------------------------------------------------------------------------------
+def test_packet_clock_starts_steps_bridges_gaps_and_stops():
+    clock = PacketClock()
+    assert clock.due(1000, 479) == (None, 0)  # less than a packet: nothing starts
+    event, count = clock.due(1000, 480 * 10)
+    assert event == "start" and count == 1 + AHEAD_MS // PACKET_MS  # up to AHEAD_MS ahead
+    stamps = [clock.sent(1000) for _ in range(count)]
+    assert stamps == [1000 + PACKET_MS * i for i in range(count)]
+    assert clock.due(1005, 480 * 5) == (None, 0)  # the next one is not due yet
+    assert clock.due(1011, 480 * 5)[1] == 1
+    assert clock.sent(1011) == stamps[-1] + PACKET_MS
+    # The producer stalls for 200 ms: packets resume from now, later than the last, never back.
+    last = stamps[-1] + PACKET_MS
+    assert clock.due(1250, 0) == (None, 0)
+    event, count = clock.due(1250, 480)
+    assert (event, count) == (None, 1) and clock.sent(1250) == 1250 > last
+    # Silence for STOP_AFTER_MS after the last packet: stop; sound again: a new start.
+    assert clock.due(1250 + STOP_AFTER_MS - 1, 0) == (None, 0)
+    assert clock.due(1250 + STOP_AFTER_MS, 0) == ("stop", 0)
+    assert clock.due(5000, 480)[0] == "start"
+
+
+def test_resampling_keeps_the_pitch_and_continuity():
+    resampler = Resampler(44100)
+    x = np.sin(2 * np.pi * 1000 * np.arange(44100) / 44100).astype(np.float32)[:, None]
+    out = np.concatenate([resampler(x[i:i + 441]) for i in range(0, 44100, 441)])
+    assert abs(len(out) - RATE) <= 2
+    assert abs(peak_hz(out[:, 0]) - 1000) < 2
+    assert np.abs(np.diff(out[:, 0])).max() < 0.2  # no jumps at the call boundaries
+
+
+def test_write_converts_and_bounds_what_it_queues():
+    output = AudioOutput()
+    output.write(np.full(960, 16384, np.int16))  # mono int16 -> stereo float
+    pcm = output.take()
+    assert pcm.shape == (480, 2) and (pcm == 16384).all()  # int16 in, the same int16 out
+    output.write(np.zeros((100, 2), np.float32), rate=44100)
+    with pytest.raises(AudioError):
+        output.write(np.zeros(10, np.float32), rate=22050)
+    with pytest.raises(AudioError):
+        output.write(np.zeros((10, 3), np.float32))
+    with pytest.raises(AudioError):
+        output.write(np.zeros(10, np.int32))
+    for _ in range(30):  # 3 s written at once: only the newest second stays
+        output.write(np.zeros(RATE // 10, np.float32))
+    assert output.queued <= RATE and output.dropped_samples >= 2 * RATE - 1000
+
+
+# -- the channels, with the headless client --------------------------------------------------------
+@pytest.fixture
+def server():
+    srv = spicestream.Server(port=0, width=64, height=64).start()
+    srv.display.update(np.zeros((64, 64, 4), np.uint8))
+    yield srv
+    srv.stop()
+
+
+def audio_client(server, opus=True, record=False, **kw) -> TestClient:
+    caps = {Ch.PLAYBACK: (PlaybackCap.VOLUME, PlaybackCap.LATENCY) + ((PlaybackCap.OPUS,) if opus else ()),
+            Ch.RECORD: (RecordCap.VOLUME,) + ((RecordCap.OPUS,) if opus else ())}
+    channels = (Ch.PLAYBACK,) + ((Ch.RECORD,) if record else ())
+    return TestClient("127.0.0.1", server.port, channels=channels, channel_caps=caps, **kw)  # `with` connects
+
+
+def playback(client, kind):
+    return [m for m in list(client.messages) if type(m) is kind]
+
+
+def test_playback_opus_and_raw_clients_share_one_encode_and_get_the_tone(server):
+    with audio_client(server) as opus_client, audio_client(server, opus=False) as raw_client:
+        with TonePlayer(server, 440.0, seconds=1.0) as player:
+            for client in (opus_client, raw_client):
+                client.wait_for(lambda c: playback(c, SERVER.PLAYBACK_STOP), timeout=15, what="the stream's end")
+        for client, mode in ((opus_client, AudioDataMode.OPUS), (raw_client, AudioDataMode.RAW)):
+            kinds = [type(m) for m in client.messages if type(m).__name__.startswith("PLAYBACK")]
+            first_data = kinds.index(SERVER.PLAYBACK_DATA)
+            assert kinds.index(SERVER.PLAYBACK_MODE) < kinds.index(SERVER.PLAYBACK_START) < first_data
+            assert playback(client, SERVER.PLAYBACK_MODE)[0].mode == mode
+            start = playback(client, SERVER.PLAYBACK_START)[0]
+            assert (start.channels, start.format, start.frequency) == (2, 1, RATE)
+            data = playback(client, SERVER.PLAYBACK_DATA)
+            assert len(data) == player.written // 480  # every 10 ms written went out
+            times = [d.time for d in data]
+            assert all(t != 0 for t in times) and all(b - a >= PACKET_MS for a, b in zip(times, times[1:]))
+            if mode == AudioDataMode.OPUS:
+                decoder = OpusDecoder()
+                pcm = np.concatenate([decoder.decode(d.data) for d in data])
+            else:
+                pcm = np.concatenate([np.frombuffer(d.data, "<i2").reshape(-1, 2) for d in data])
+                want = np.clip(np.rint(tone(440.0, 0, len(pcm)) * 32768), -32768, 32767)
+                assert (pcm[:, 0] == want).all() and (pcm[:, 1] == want).all()  # raw is exact
+            assert abs(peak_hz(pcm[2400:, 0] / 32768.0) - 440) < 5
+        stats = server._core.audio.stats()
+        assert stats["packets"] == player.written // 480  # encoded once for both clients
+
+
+def test_a_stalled_client_keeps_only_the_newest_packets(server):
+    with audio_client(server) as stalled, audio_client(server) as healthy:
+        stalled.stall(Ch.PLAYBACK)
+        with TonePlayer(server, 300.0, seconds=3.0):
+            healthy.wait_for(lambda c: playback(c, SERVER.PLAYBACK_STOP), timeout=20, what="the end")
+        channels = {c.conn.peer: c for c in server._core.audio.channels}
+        assert len(channels) == 2
+        for channel in channels.values():
+            assert len(channel.pending) <= channel.pending.maxlen
+        assert len(playback(healthy, SERVER.PLAYBACK_DATA)) == 300
+
+
+def test_volume_and_mute_reach_clients_with_the_volume_cap(server):
+    with audio_client(server) as client:
+        server.audio.set_volume(0.5, muted=True)
+        client.wait_for(lambda c: any(m.volume == (32768, 32768) for m in playback(c, SERVER.PLAYBACK_VOLUME)),
+                        what="the volume")
+        assert playback(client, SERVER.PLAYBACK_MUTE)[-1].mute == 1
+
+
+def test_microphone_opus_and_raw_reach_on_audio_in(server):
+    got = queue.Queue()
+    server.on_audio_in = lambda samples, rate, channels: got.put((samples, rate, channels))
+    for opus in (True, False):
+        with audio_client(server, opus=opus, record=True) as client:
+            client.wait_for(lambda c: any(type(m) is SERVER.RECORD_START for m in c.messages), what="record start")
+            mode = AudioDataMode.OPUS if opus else AudioDataMode.RAW
+            client.send(Ch.RECORD, CLIENT.RECORD_MODE(0, mode, b""))
+            client.send(Ch.RECORD, CLIENT.RECORD_START_MARK(0))
+            encoder = OpusEncoder()
+            for i in range(50):
+                pcm = np.repeat((tone(880.0, i * 480, 480) * 32767).astype(np.int16)[:, None], 2, axis=1)
+                client.send(Ch.RECORD, CLIENT.RECORD_DATA(0, encoder.encode(pcm) if opus else pcm.tobytes()))
+            pieces = [got.get(timeout=10) for _ in range(50)]
+            assert all(rate == RATE and channels == 2 for _, rate, channels in pieces)
+            heard = np.concatenate([p for p, _, _ in pieces])[:, 0] / 32768.0
+            assert abs(peak_hz(heard[960:]) - 880) < 5, opus
+    server.on_audio_in = None
+
+
+def test_hostile_microphone_data_closes_only_that_client(server, caplog):
+    server.on_audio_in = lambda *a: None
+    with audio_client(server, record=True) as good:
+        for bad_message in (CLIENT.RECORD_MODE(0, 7, b""),
+                            CLIENT.RECORD_DATA(0, b"\x01\x02\x03")):  # raw, not whole samples
+            with audio_client(server, record=True) as bad:
+                bad.wait_for(lambda c: any(type(m) is SERVER.RECORD_START for m in c.messages), what="start")
+                bad.send(Ch.RECORD, bad_message)
+                bad.wait_for(lambda c: Ch.RECORD in c.closed_channels, what="the bad client closed")
+        with audio_client(server, record=True) as bad:
+            bad.wait_for(lambda c: any(type(m) is SERVER.RECORD_START for m in c.messages), what="start")
+            bad.send(Ch.RECORD, CLIENT.RECORD_MODE(0, AudioDataMode.OPUS, b""))
+            bad.send(Ch.RECORD, CLIENT.RECORD_DATA(0, b"\xff" * 900))  # not an Opus packet
+            bad.wait_for(lambda c: Ch.RECORD in c.closed_channels, what="the bad Opus client closed")
+        assert Ch.RECORD not in good.closed_channels
+        good.send(Ch.RECORD, CLIENT.RECORD_DATA(0, np.zeros((480, 2), np.int16).tobytes()))
+        time.sleep(0.2)
+        assert Ch.RECORD not in good.closed_channels
+    server.on_audio_in = None
+
+
+# -- remote-viewer -------------------------------------------------------------------------------------
+def rms_windows(x: np.ndarray, ms: int = 5) -> np.ndarray:
+    n = RATE * ms // 1000
+    frames = x[: len(x) // n * n].reshape(-1, n)
+    return np.sqrt((frames ** 2).mean(axis=1))
+
+
+@pytest.mark.realclient
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not pulse.available() or bool(xclient.missing_tools()),
+                    reason="needs pulseaudio, pactl, parec and remote-viewer under Xvfb")
+def test_remote_viewer_plays_the_tone_without_gaps(server, tmp_path):
+    with pulse.PulseServer(tmp_path / "pulse") as pa, xclient.XSession(800, 600, log_dir=tmp_path / "x") as x:
+        x.env.update(pa.env)
+        recording = tmp_path / "played.raw"
+        recorder = pa.record(recording)
+        try:
+            with TonePlayer(server, 440.0) as player:
+                viewer = x.start_viewer(f"spice://127.0.0.1:{server.port}")
+                x.find_window(viewer)
+                xclient.wait_until(lambda: os.path.getsize(recording) > 0 and
+                                   np.abs(pulse.read_recording(recording)).max() > 0.1, 20, 0.2, "sound in the sink")
+                heard_from = player.written
+                while player.written < heard_from + 3 * RATE:  # 3 s of the tone, by what was written
+                    time.sleep(0.05)
+        finally:
+            recorder.terminate()
+            recorder.wait(5)
+    left = pulse.read_recording(recording)[:, 0]
+    sound = left[np.argmax(np.abs(left) > 0.1):]
+    steady = sound[RATE // 2: RATE // 2 + 2 * RATE]  # 2 s, from half a second in
+    assert len(steady) == 2 * RATE, f"only {len(sound) / RATE:.2f} s of sound recorded"
+    assert abs(peak_hz(steady) - 440) <= 5
+    quiet = rms_windows(steady) < 0.1  # the tone's RMS is 0.35
+    longest, run = 0, 0
+    for q in quiet:
+        run = run + 1 if q else 0
+        longest = max(longest, run)
+    assert longest * 5 <= 30, f"a gap of {longest * 5} ms"
