@@ -26,6 +26,7 @@ from spicestream.audio.output import (
 from spicestream.protocol.constants import AudioDataMode, PlaybackCap, RecordCap
 from spicestream.protocol.constants import ChannelType as Ch
 from spicestream.protocol.messages import CLIENT, SERVER
+from spicestream.server.audio import SETTLE_MS
 from spicestream.testing.client import TestClient
 
 import pulse
@@ -125,7 +126,9 @@ def test_write_converts_and_bounds_what_it_queues():
 
 # -- the channels, with the headless client --------------------------------------------------------
 @pytest.fixture
-def server():
+def server(monkeypatch):
+    # Streams end after 0.3 s of silence here (5 s in use): the tests wait for STOP.
+    monkeypatch.setattr("spicestream.audio.output.STOP_AFTER_MS", 300)
     srv = spicestream.Server(port=0, width=64, height=64).start()
     srv.display.update(np.zeros((64, 64, 4), np.uint8))
     yield srv
@@ -145,7 +148,7 @@ def playback(client, kind):
 
 def test_playback_opus_and_raw_clients_share_one_encode_and_get_the_tone(server):
     with audio_client(server) as opus_client, audio_client(server, opus=False) as raw_client:
-        with TonePlayer(server, 440.0, seconds=1.0) as player:
+        with TonePlayer(server, 440.0, seconds=2.0) as player:
             for client in (opus_client, raw_client):
                 client.wait_for(lambda c: playback(c, SERVER.PLAYBACK_STOP), timeout=15, what="the stream's end")
         for client, mode in ((opus_client, AudioDataMode.OPUS), (raw_client, AudioDataMode.RAW)):
@@ -156,7 +159,9 @@ def test_playback_opus_and_raw_clients_share_one_encode_and_get_the_tone(server)
             start = playback(client, SERVER.PLAYBACK_START)[0]
             assert (start.channels, start.format, start.frequency) == (2, 1, RATE)
             data = playback(client, SERVER.PLAYBACK_DATA)
-            assert len(data) == player.written // 480  # every 10 ms written went out
+            # Every 10 ms written went out, but those of the client's start-up (SETTLE_MS).
+            settled = SETTLE_MS // PACKET_MS
+            assert len(data) == player.written // 480 - settled
             times = [d.time for d in data]
             assert all(t != 0 for t in times) and all(b - a >= PACKET_MS for a, b in zip(times, times[1:]))
             if mode == AudioDataMode.OPUS:
@@ -164,7 +169,8 @@ def test_playback_opus_and_raw_clients_share_one_encode_and_get_the_tone(server)
                 pcm = np.concatenate([decoder.decode(d.data) for d in data])
             else:
                 pcm = np.concatenate([np.frombuffer(d.data, "<i2").reshape(-1, 2) for d in data])
-                want = np.clip(np.rint(tone(440.0, 0, len(pcm)) * 32768), -32768, 32767)
+                want = np.clip(np.rint(tone(440.0, 0, player.written) * 32768), -32768, 32767)
+                want = want[settled * 480:settled * 480 + len(pcm)]
                 assert (pcm[:, 0] == want).all() and (pcm[:, 1] == want).all()  # raw is exact
             assert abs(peak_hz(pcm[2400:, 0] / 32768.0) - 440) < 5
         stats = server._core.audio.stats()
@@ -180,7 +186,7 @@ def test_a_stalled_client_keeps_only_the_newest_packets(server):
         assert len(channels) == 2
         for channel in channels.values():
             assert len(channel.pending) <= channel.pending.maxlen
-        assert len(playback(healthy, SERVER.PLAYBACK_DATA)) == 300
+        assert len(playback(healthy, SERVER.PLAYBACK_DATA)) == 300 - SETTLE_MS // PACKET_MS
 
 
 def test_volume_and_mute_reach_clients_with_the_volume_cap(server):

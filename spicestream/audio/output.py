@@ -23,7 +23,8 @@ PACKET_SAMPLES = 480  # 10 ms at 48 kHz: what spice-gtk and spice-html5 decode
 PACKET_MS = 10
 MAX_QUEUED_S = 1.0
 AHEAD_MS = 20  # send a packet this long before its time comes (the network's share)
-STOP_AFTER_MS = 300  # no sound for this long: STOP (clients close their audio device)
+STOP_AFTER_MS = 5000  # no sound for this long: STOP (clients close their audio device), as
+# PulseAudio suspends an idle sink: a new stream costs the client's start-up (server/audio.py)
 RATES = (44100, 48000)
 
 

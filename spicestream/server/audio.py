@@ -2,10 +2,17 @@
 and record (a client's microphone to `on_audio_in`).
 
 Playback stamps are the media clock the video stamps use, plus PLAYBACK_DELAY_MS: spice-gtk
-sets its clock to a packet's time less its own audio pipeline delay, so packets stamped with
-the moment they will be heard keep the client's clock on ours and video frames neither late
-nor held. MODE goes before START (spice-gtk builds its decoder from it); STOP follows
-silence. A client whose socket is full keeps at most MAX_PENDING packets, the newest.
+sets its clock to a packet's time less its own audio pipeline delay (130 ms measured, with
+pulsesink), so packets stamped with the moment they will be heard keep the client's clock on
+ours and video frames neither late nor held. MODE goes before START (spice-gtk builds its
+decoder from it); STOP follows silence. A client whose socket is full keeps at most
+MAX_PENDING packets, the newest.
+
+spice-gtk's audio pipeline takes ~0.9 s after START to begin consuming, and whatever arrives
+before then stays queued ahead of everything after: sound sent at once was heard 817 ms after
+it was written, sound sent from 1 s after START 133 ms (bench/avsync.py). So the first
+SETTLE_MS of a stream's packets are not sent (counted as dropped "settling"), and a stream
+stays open through pauses shorter than output.STOP_AFTER_MS.
 """
 
 from __future__ import annotations
@@ -30,7 +37,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("spicestream.audio")
 
-PLAYBACK_DELAY_MS = 60  # what we ask clients to buffer (LATENCY), and stamp packets with
+PLAYBACK_DELAY_MS = 130  # spice-gtk's audio pipeline delay with pulsesink: packets' stamp lead
+SETTLE_MS = 900  # packets of a new stream not sent while the client's pipeline starts
 MAX_PENDING = 20  # 200 ms of packets waiting for a client's socket
 TICK_S = 0.005
 
@@ -97,6 +105,8 @@ class PlaybackChannel(ChannelHandler):
         self.pending: collections.deque = collections.deque(maxlen=MAX_PENDING)
         self.streaming = False
         self.dropped = 0
+        self.settling = 0  # packets not sent while the client's pipeline started
+        self.settle_until = 0
         self.sent = 0
         self.last_stamp = 0
         pump = self.core.audio
@@ -122,10 +132,14 @@ class PlaybackChannel(ChannelHandler):
         if self.latency_cap:
             self.conn.send(SERVER.PLAYBACK_LATENCY(PLAYBACK_DELAY_MS))
         self.streaming = True
+        self.settle_until = now_ms + SETTLE_MS
         self.conn.flush()
 
     def send_packet(self, stamp_ms: int, opus: bytes | None, raw: bytes) -> None:
         if not self.streaming:
+            return
+        if stamp_ms - PLAYBACK_DELAY_MS < self.settle_until:
+            self.settling += 1
             return
         data = opus if self.opus else raw
         if len(self.pending) == self.pending.maxlen:
@@ -151,7 +165,8 @@ class PlaybackChannel(ChannelHandler):
         super().closed()
 
     def stats(self) -> dict:
-        return {"mode": "opus" if self.opus else "raw", "sent": self.sent, "dropped": self.dropped}
+        return {"mode": "opus" if self.opus else "raw", "sent": self.sent, "dropped": self.dropped,
+                "settling": self.settling}
 
 
 class RecordChannel(ChannelHandler):
