@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="what to display: the demo desktop, or a running X server (default demo)")
     serve.add_argument("--x-display", metavar=":N", help="with --source x11: the X display to serve")
     serve.add_argument("--view-only", action="store_true", help="with --source x11: ignore client input")
+    serve.add_argument("--audio", type=_audio, metavar="pulse[:SOURCE]",
+                       help="with --source x11: the desktop's sound from PulseAudio (SOURCE: default, the "
+                            "default sink's monitor), and clients' microphones as a PulseAudio source")
     serve.add_argument("--max-clients", type=_positive, default=8, metavar="N",
                        help="most clients connected at once (default 8)")
     serve.add_argument("--ticket-expiry", type=_seconds, metavar="SECONDS",
@@ -93,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     codecs = sub.add_parser("codecs", help="probe the video encoders and print what works here")
     codecs.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
+
+
+def _audio(text: str) -> str:
+    kind, _, source = text.partition(":")
+    if kind != "pulse" or (_ and not source):
+        raise argparse.ArgumentTypeError(f"{text!r}: pulse, or pulse:SOURCE")
+    return source or ""
 
 
 def _byte_size(text: str) -> int:
@@ -151,6 +161,8 @@ def serve(parser, args) -> int:
 
     if args.source == "x11" and not args.x_display:
         parser.error("argument --x-display: required with --source x11")
+    if args.audio is not None and args.source != "x11":
+        parser.error("argument --audio: needs --source x11 (applications give sound with server.audio)")
     password = _read_password(parser, args.password_file) if args.password_file else None
     if password is None and not args.disable_ticketing and not is_loopback(args.host):
         parser.error(f"argument --host: refusing to serve {args.host} without a password; "
@@ -206,9 +218,21 @@ def serve(parser, args) -> int:
             except X11Error as exc:
                 print(f"spicestream: {exc}", file=sys.stderr)
                 return 1
+            bridge = None
+            if args.audio is not None:
+                from .sources.pulse import PulseBridge, PulseError
+
+                try:
+                    bridge = PulseBridge(server, args.audio or None, microphone=not args.view_only)
+                except (PulseError, ValueError) as exc:
+                    print(f"spicestream: --audio: {exc}", file=sys.stderr)
+                    source.close()
+                    return 1
             try:
                 source.run(stop)
             finally:
+                if bridge is not None:
+                    bridge.close()
                 source.close()
         else:
             resizer = DemoResize()
