@@ -25,7 +25,8 @@ playwright = pytest.importorskip("playwright.sync_api")
 
 W, H = 320, 240
 BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--autoplay-policy=no-user-gesture-required"]  # sound plays without a click
 
 
 @pytest.fixture(scope="module")
@@ -237,3 +238,57 @@ def test_web_needs_spice_html5_and_plain_gets_without_web_are_refused(tmp_path):
 
 
 
+
+
+# Counts what spice-html5 hands to Media Source Extensions (its Opus packets, in WebM).
+AUDIO_PROBE = """
+window.__audio = {appended: 0};
+const append = SourceBuffer.prototype.appendBuffer;
+SourceBuffer.prototype.appendBuffer = function (data) {
+    window.__audio.appended += data.byteLength;
+    return append.call(this, data);
+};
+"""
+
+
+def test_the_browser_plays_opus_sound(browser):
+    import threading
+
+    server = spicestream.Server(port=0, width=W, height=H, web=True, streaming_video="off").start()
+    stop = threading.Event()
+
+    def tone():  # 440 Hz, 10 ms pieces paced by deadline
+        start, n = time.monotonic(), 0
+        while not stop.is_set():
+            server.audio.write((np.sin(2 * np.pi * 440 * np.arange(n, n + 480) / 48000) * 0.3).astype(np.float32))
+            n += 480
+            stop.wait(max(0.0, start + n / 48000 - time.monotonic()))
+
+    player = threading.Thread(target=tone, daemon=True)
+    try:
+        server.display.update(picture())
+        page = browser.new_page(viewport={"width": 800, "height": 600})
+        page.add_init_script(AUDIO_PROBE)
+        page.goto(f"http://localhost:{server.port}/")
+        page.wait_for_selector("#spice-screen canvas", timeout=15000)
+        supported = page.evaluate("MediaSource.isTypeSupported('audio/webm; codecs=\"opus\"')")
+        if not supported:
+            pytest.skip("this Chromium cannot play Opus in WebM (spice-html5 then opens no sound)")
+        player.start()
+        deadline = time.monotonic() + 20
+        state = {}
+        while time.monotonic() < deadline:
+            # spice-html5 puts an autoplaying <audio> into the screen's div (playback.js).
+            state = page.evaluate("({appended: window.__audio.appended, played: Array.from("
+                                  "document.querySelectorAll('#spice-screen audio')).map(e => e.currentTime)})")
+            if state["appended"] > 2000 and any(t > 1.0 for t in state["played"]):
+                break
+            time.sleep(0.25)
+        assert state.get("appended", 0) > 2000, state  # Opus packets reached Media Source
+        assert any(t > 1.0 for t in state.get("played", [])), state  # and over a second played
+        channels = [c.stats() for c in server._core.audio.channels]
+        assert channels and all(c["mode"] == "opus" and c["sent"] > 50 for c in channels), channels
+        page.close()
+    finally:
+        stop.set()
+        server.stop()
