@@ -46,11 +46,7 @@ _positive = _number(int, 1, 1000, "a number")
 _seconds = _number(float, 0, 10 ** 9, "seconds", low_open=True)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="spicestream", description="SPICE remote-display server")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
-    sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="serve a display to SPICE clients")
+def _add_serve_options(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=_port, default=5900, help="SPICE port (default 5900)")
     serve.add_argument("--unix", metavar="PATH", help="also listen on this unix socket (local clients, GL scanouts)")
@@ -93,6 +89,24 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"encoder:codec entries separated by ';' (default {DEFAULT_CODECS})")
     serve.add_argument("--streaming-video", choices=MODES, default="filter",
                        help="which changing regions become video streams (default filter)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spicestream", description="SPICE remote-display server")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve a display to SPICE clients")
+    _add_serve_options(serve)
+    run = sub.add_parser("run", help="run COMMAND on a private X server and serve it until COMMAND ends",
+                         usage="spicestream run [options] -- COMMAND [ARGS...]")
+    _add_serve_options(run)
+    run.add_argument("--x-server", choices=("xvfb", "xorg"), default="xvfb",
+                     help="the private X server: Xvfb (default), or Xorg with the dummy driver, whose "
+                          "screen follows the viewer's window")
+    run.add_argument("--exit-on-disconnect", action="store_true",
+                     help="end the session when the last client leaves")
+    run.add_argument("--keep-alive", action="store_true", help="keep serving after COMMAND exits")
+    run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]")
     codecs = sub.add_parser("codecs", help="probe the video encoders and print what works here")
     codecs.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
@@ -159,6 +173,11 @@ def serve(parser, args) -> int:
     from .server.web import WebError
     from .sources.demo import DemoResize, run_demo
 
+    session = None
+    if args.command == "run":
+        session = _start_session(parser, args)
+        if isinstance(session, int):
+            return session
     if args.source == "x11" and not args.x_display:
         parser.error("argument --x-display: required with --source x11")
     if args.audio is not None and args.source != "x11":
@@ -203,12 +222,16 @@ def serve(parser, args) -> int:
         server.start()
     except OSError as exc:
         print(f"spicestream: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        if session is not None:
+            session.close()
         return 1
-    print(f"spicestream: serving the {args.source} display on spice://{args.host}:{server.port}",
-          flush=True)
+    what = f"{' '.join(args.cmd)} on {args.x_display}" if session is not None else f"the {args.source} display"
+    serving = f"spicestream: serving {what} on spice://{args.host}:{server.port}"
     stop = threading.Event()
+    signalled = []
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, lambda signum, _frame: (signalled.append(signum), stop.set()))
+    status = 0
     try:
         if args.source == "x11":
             from .sources.x11 import X11Error, X11Source
@@ -228,20 +251,102 @@ def serve(parser, args) -> int:
                     print(f"spicestream: --audio: {exc}", file=sys.stderr)
                     source.close()
                     return 1
+            watcher = None
+            if session is not None:
+                session.run_command()
+                watcher = SessionWatch(session, server, stop, args.keep_alive, args.exit_on_disconnect)
+                watcher.start()
+            print(serving, flush=True)
             try:
                 source.run(stop)
+            except X11Error as exc:  # the X server went away under us
+                print(f"spicestream: {exc}", file=sys.stderr)
+                status = 1
+                stop.set()
             finally:
                 if bridge is not None:
                     bridge.close()
                 source.close()
+            if watcher is not None and status == 0:
+                status = watcher.outcome(signalled)
         else:
+            print(serving, flush=True)
             resizer = DemoResize()
             server.on_resize = resizer.request  # the demo follows the viewer's window
             run_demo(server.display, args.fps, args.size, stop, f"spice://{args.host}:{server.port}",
                      resizer)
     finally:
         server.stop()
-    return 0
+        if session is not None:
+            session.close()
+    return status
+
+
+def _start_session(parser, args):
+    """`run`: check its arguments, start the private X server (and PulseAudio); the session,
+    or the exit status when it cannot start."""
+    from .session import Session, SessionError
+
+    command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not command:
+        parser.error("the command to run is missing: spicestream run [options] -- COMMAND [ARGS...]")
+    if args.x_display or args.source != "demo":
+        parser.error("argument --source/--x-display: run serves the X server it starts itself")
+    if args.audio:
+        parser.error("argument --audio: with run, give --audio pulse (the session's own PulseAudio)")
+    import shutil
+
+    if shutil.which(command[0]) is None:
+        parser.error(f"the command to run does not exist: {command[0]}")
+    args.cmd = command
+    try:
+        session = Session(command, args.x_server, args.size, audio=args.audio is not None).start()
+    except SessionError as exc:
+        print(f"spicestream: {exc}", file=sys.stderr)
+        return 1
+    args.source, args.x_display = "x11", session.x.display
+    if session.pulse is not None:
+        os.environ["PULSE_SERVER"] = session.pulse.address
+        args.audio = "desktop.monitor"
+    return session
+
+
+class SessionWatch(threading.Thread):
+    """Ends the serving loop when COMMAND ends (unless --keep-alive), when the X server dies,
+    or, with --exit-on-disconnect, when the last client has left."""
+
+    def __init__(self, session, server, stop: threading.Event, keep_alive: bool, exit_on_disconnect: bool):
+        super().__init__(name="session-watch", daemon=True)
+        self.session, self.server, self.stop = session, server, stop
+        self.keep_alive, self.exit_on_disconnect = keep_alive, exit_on_disconnect
+        self.why: str | None = None
+
+    def run(self) -> None:
+        while not self.stop.wait(0.1):
+            if not self.session.x.alive():
+                self.why = "x"
+                print("spicestream: the X server has exited", file=sys.stderr)
+                break
+            if self.session.command_status() is not None and not self.keep_alive:
+                self.why = "command"
+                break
+            if self.exit_on_disconnect and self.server.sessions_started and not self.server.sessions:
+                self.why = "disconnect"
+                break
+        self.stop.set()
+
+    def outcome(self, signalled: list[int]) -> int:
+        """The exit status: COMMAND's when it has ended, 128+N after signal N, 1 when the X
+        server died under us, 0 after --exit-on-disconnect."""
+        self.join(2)
+        if self.why == "x":
+            return 1
+        status = self.session.command_status()
+        if status is not None:
+            return status
+        if signalled:
+            return 128 + signalled[0]
+        return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -249,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if args.command == "serve":
+    if args.command in ("serve", "run"):
         return serve(parser, args)
     if args.command == "codecs":
         return print_codecs(args.json)

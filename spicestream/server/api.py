@@ -318,6 +318,11 @@ class Server:
     def sessions(self) -> int:
         return len(self._core.sessions)
 
+    @property
+    def sessions_started(self) -> int:
+        """How many clients have connected since start (those gone included)."""
+        return self._core.sessions_started
+
     # -- running --------------------------------------------------------------------------------
     async def serve(self) -> None:
         """Listen and serve until `stop()` is called (from any thread)."""

@@ -90,6 +90,7 @@ class ServerCore:
         self.name = name
         self.uuid = uuidlib.uuid4().bytes
         self.sessions: dict[int, Session] = {}
+        self.sessions_started = 0  # every client that ever linked its main channel
         self.connections: set = set()
         self.unlinked = UnlinkedConnections()
         self.link_keys = LinkKeys()  # started with the loop (Server.serve)
@@ -161,6 +162,7 @@ class ServerCore:
                 session_id = secrets.randbits(32) or 1
             session = Session(session_id)
             self.sessions[session_id] = session
+            self.sessions_started += 1
             return LinkError.OK, session, ""
         session = self.sessions.get(request.connection_id)
         if session is None:

@@ -73,7 +73,10 @@ class ShmSegment:
         self.array = np.frombuffer((ctypes.c_ubyte * size).from_address(self.addr), np.uint8)
 
     def close(self, shm) -> None:
-        shm.Detach(self.seg)
+        try:
+            shm.Detach(self.seg)
+        except Exception:  # the X server is gone: nothing there to detach from
+            pass
         self.array = None
         _libc.shmdt(ctypes.c_void_p(self.addr))
 
@@ -211,13 +214,19 @@ class X11Source:
     def run(self, stop: threading.Event) -> None:
         """Capture each change as soon as the X server reports it, at most `fps` a second
         (CapturePacer), until `stop` is set. Waiting for the next tick of a fixed clock would
-        add up to a tick of latency and merge two draws that fall in one tick."""
+        add up to a tick of latency and merge two draws that fall in one tick. X11Error if
+        the X server goes away."""
+        try:
+            self.capture(None)  # the first frame whole
+            pacer = CapturePacer(self.fps)
+            pacer.captured(time.monotonic())
+            self._loop(stop, pacer, self.conn.get_file_descriptor())
+        except self.xcffib.ConnectionException as exc:
+            raise X11Error(f"the X server has exited ({exc})") from None
+
+    def _loop(self, stop: threading.Event, pacer: CapturePacer, fd: int) -> None:
         import select
 
-        self.capture(None)  # the first frame whole
-        pacer = CapturePacer(self.fps)
-        pacer.captured(time.monotonic())
-        fd = self.conn.get_file_descriptor()
         damage, resized, cursor = [], None, False
         while not stop.is_set():
             while (event := self.conn.poll_for_event()) is not None:
@@ -300,10 +309,16 @@ class X11Source:
             self.conn.flush()
 
     def close(self) -> None:
-        self.resizer.close()
-        self.clipboard.close()
+        for part in (self.resizer, self.clipboard):
+            try:
+                part.close()
+            except Exception as exc:  # a dead X server: close what we can
+                log.debug("closing %s: %s", type(part).__name__, exc)
         with self.lock:
             for seg in self.segments:
                 seg.close(self.shm)
             self.segments = []
-            self.conn.disconnect()
+            try:
+                self.conn.disconnect()
+            except Exception:
+                pass

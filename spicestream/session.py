@@ -1,0 +1,267 @@
+"""`spicestream run -- COMMAND`: a private X server (Xvfb, or Xorg with the dummy driver), with
+COMMAND running on it, served until COMMAND ends; and, with --audio, a private PulseAudio.
+
+Everything started here is stopped on every way out (COMMAND ends, SIGTERM, SIGINT, the X
+server dying, an error) and dies with us even if we are killed (PR_SET_PDEATHSIG): an X server
+gets SIGTERM (it removes its own lock file and socket), and if it had to be killed, its lock
+file and socket are removed here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import select
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+log = logging.getLogger("spicestream.session")
+
+X_SERVERS = ("xvfb", "xorg")
+START_TIMEOUT_S = 20.0
+STOP_GRACE_S = 5.0
+FIRST_DISPLAY = 20
+
+XORG_DUMMY_CONF = """\
+Section "ServerFlags"
+    Option "AutoAddDevices" "false"
+    Option "DontVTSwitch" "true"
+EndSection
+Section "Device"
+    Identifier "dummy"
+    Driver "dummy"
+    VideoRam 262144
+EndSection
+Section "Monitor"
+    Identifier "monitor"
+    HorizSync 5.0-1000.0
+    VertRefresh 5.0-200.0
+EndSection
+Section "Screen"
+    Identifier "screen"
+    Device "dummy"
+    Monitor "monitor"
+    DefaultDepth 24
+    SubSection "Display"
+        Depth 24
+        Virtual 7680 4320
+    EndSubSection
+EndSection
+"""
+
+
+class SessionError(RuntimeError):
+    """The session cannot start (no X server, a command that does not exist...)."""
+
+
+def _die_with_parent() -> None:
+    # PR_SET_PDEATHSIG: SIGTERM the child if we die, however we die.
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+    os.setsid()  # its own process group: a Ctrl-C in our terminal is ours to pass on
+
+
+def stop_process(proc: subprocess.Popen | None, grace: float = STOP_GRACE_S) -> None:
+    """SIGTERM the process's group, then SIGKILL after `grace`; reap it."""
+    if proc is None or proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, grace)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+class PrivateXServer:
+    """An X server of our own on a free display number, ready when `start()` returns."""
+
+    def __init__(self, kind: str, size: tuple[int, int], workdir: Path):
+        if kind not in X_SERVERS:
+            raise SessionError(f"unknown X server {kind!r}: {' or '.join(X_SERVERS)}")
+        self.kind, self.size, self.workdir = kind, size, workdir
+        self.proc: subprocess.Popen | None = None
+        self.number: int | None = None
+
+    @property
+    def display(self) -> str:
+        return f":{self.number}"
+
+    def _command(self, displayfd: int) -> list[str]:
+        w, h = self.size
+        if self.kind == "xvfb":
+            return ["Xvfb", "-displayfd", str(displayfd), "-screen", "0", f"{w}x{h}x24",
+                    "-nolisten", "tcp", "-noreset"]
+        conf = self.workdir / "xorg.conf"
+        conf.write_text(XORG_DUMMY_CONF)
+        return ["Xorg", "-displayfd", str(displayfd), "-config", str(conf), "-logfile",
+                str(self.workdir / "xorg.log"), "-nolisten", "tcp", "-noreset", "-novtswitch", "-sharevts"]
+
+    def start(self) -> "PrivateXServer":
+        binary = "Xvfb" if self.kind == "xvfb" else "Xorg"
+        if shutil.which(binary) is None:
+            raise SessionError(f"{binary} is not installed (Debian: "
+                               f"{'xvfb' if self.kind == 'xvfb' else 'xserver-xorg-core xserver-xorg-video-dummy'})")
+        read_fd, write_fd = os.pipe()
+        log_file = open(self.workdir / f"{self.kind}.log", "ab")
+        try:
+            self.proc = subprocess.Popen(self._command(write_fd), pass_fds=(write_fd,), stdin=subprocess.DEVNULL,
+                                         stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+        finally:
+            os.close(write_fd)
+            log_file.close()
+        try:
+            number = self._read_number(read_fd)
+        finally:
+            os.close(read_fd)
+        if number is None:
+            stop_process(self.proc)
+            tail = (self.workdir / f"{self.kind}.log").read_text(errors="replace")[-600:]
+            raise SessionError(f"{binary} did not start: {tail.strip() or 'no output'}")
+        self.number = number
+        if self.kind == "xorg":
+            self._set_size()
+        log.info("%s on %s (%dx%d)", binary, self.display, *self.size)
+        return self
+
+    def _read_number(self, fd: int) -> int | None:
+        # -displayfd: the server writes its display number and a newline once it accepts
+        # connections (it picks a free number itself).
+        data, deadline = b"", time.monotonic() + START_TIMEOUT_S
+        while not data.endswith(b"\n"):
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                return None
+            chunk = os.read(fd, 64)
+            if not chunk:
+                return None
+            data += chunk
+        try:
+            return int(data.strip())
+        except ValueError:
+            return None
+
+    def _set_size(self) -> None:
+        from .sources.x11randr import X11Resizer
+
+        resizer = X11Resizer(self.display)
+        try:
+            resizer.resize(*self.size)
+        finally:
+            resizer.close()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+        if self.number is not None:
+            # A server that had to be killed leaves these behind; ours are ours to remove.
+            for path in (f"/tmp/.X{self.number}-lock", f"/tmp/.X11-unix/X{self.number}"):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    log.warning("could not remove %s: %s", path, exc)
+        self.proc = None
+
+
+class PrivatePulse:
+    """A PulseAudio server of our own with a null sink; its monitor is the desktop's sound."""
+
+    def __init__(self, workdir: Path):
+        self.dir = workdir / "pulse"
+        self.socket = self.dir / "native"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"unix:{self.socket}"
+
+    def start(self) -> "PrivatePulse":
+        if shutil.which("pulseaudio") is None:
+            raise SessionError("--audio needs pulseaudio (Debian: pulseaudio)")
+        (self.dir / "home").mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, HOME=str(self.dir / "home"), XDG_RUNTIME_DIR=str(self.dir),
+                   PULSE_RUNTIME_PATH=str(self.dir))
+        env.pop("PULSE_SERVER", None)
+        self.proc = subprocess.Popen(
+            ["pulseaudio", "-n", "--daemonize=no", "--exit-idle-time=-1", "--use-pid-file=no",
+             f"--load=module-native-protocol-unix socket={self.socket} auth-anonymous=1",
+             "--load=module-null-sink sink_name=desktop rate=48000 channels=2",
+             "--load=module-always-sink"],
+            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=open(self.dir / "pulseaudio.log", "ab"), preexec_fn=_die_with_parent)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not self.socket.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise SessionError(f"pulseaudio did not start (see {self.dir}/pulseaudio.log)")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+        self.proc = None
+
+
+class Session:
+    """The X server, the optional PulseAudio, and COMMAND; `close()` stops them all."""
+
+    def __init__(self, command: list[str], x_server: str, size: tuple[int, int], audio: bool):
+        if not command:
+            raise SessionError("no command to run: spicestream run [options] -- COMMAND [ARGS...]")
+        if shutil.which(command[0]) is None:
+            raise SessionError(f"command not found: {command[0]}")
+        self.command = command
+        self.workdir = Path(tempfile.mkdtemp(prefix="spicestream-run-"))
+        self.x = PrivateXServer(x_server, size, self.workdir)
+        self.pulse = PrivatePulse(self.workdir) if audio else None
+        self.child: subprocess.Popen | None = None
+
+    def start(self) -> "Session":
+        try:
+            self.x.start()
+            if self.pulse is not None:
+                self.pulse.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def env(self) -> dict:
+        env = dict(os.environ, DISPLAY=self.x.display)
+        env.pop("WAYLAND_DISPLAY", None)
+        if self.pulse is not None:
+            env["PULSE_SERVER"] = self.pulse.address
+        return env
+
+    def run_command(self) -> None:
+        self.child = subprocess.Popen(self.command, env=self.env(), stdin=subprocess.DEVNULL,
+                                      preexec_fn=_die_with_parent)
+        log.info("running %s (pid %d) on %s", " ".join(self.command), self.child.pid, self.x.display)
+
+    def command_status(self) -> int | None:
+        """COMMAND's exit status once it has ended (128+N for signal N), else None."""
+        if self.child is None:
+            return None
+        code = self.child.poll()
+        if code is None:
+            return None
+        return 128 - code if code < 0 else code
+
+    def close(self) -> None:
+        stop_process(self.child)
+        if self.pulse is not None:
+            self.pulse.stop()
+        self.x.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
