@@ -18,6 +18,8 @@ PACKAGES=(
   libopus0 pulseaudio pulseaudio-utils gstreamer1.0-pulseaudio
   # the reference server, for side-by-side figures (bench/glass_x11.py)
   xserver-xspice
+  # systemd-analyze, to check contrib/spicestream@.service
+  systemd
 )
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -77,6 +77,8 @@ def _add_serve_options(serve: argparse.ArgumentParser) -> None:
                             "portal serving spice-html5 itself (repeatable)")
     serve.add_argument("--secure-channels", default="", metavar="LIST",
                        help="channels refused on the plain port: main,display,inputs,cursor or all")
+    serve.add_argument("--metrics", type=_host_port, metavar="[HOST:]PORT",
+                       help="serve Prometheus metrics at http://HOST:PORT/metrics (HOST: 127.0.0.1 unless given)")
     serve.add_argument("--max-clipboard", type=_byte_size, default=16 << 20, metavar="BYTES",
                        help="largest clipboard content either way, e.g. 16M (default 16M)")
     serve.add_argument("--file-transfer-dir", metavar="DIR",
@@ -110,6 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
     codecs = sub.add_parser("codecs", help="probe the video encoders and print what works here")
     codecs.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        number = int(port)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: [HOST:]PORT") from None
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"port {number} is not in [0, 65535]")
+    return host, number
 
 
 def _audio(text: str) -> str:
@@ -225,6 +239,20 @@ def serve(parser, args) -> int:
         if session is not None:
             session.close()
         return 1
+    metrics = None
+    if args.metrics is not None:
+        from .server.metrics import serve_metrics
+
+        try:
+            metrics, _ = serve_metrics(server, *args.metrics)
+        except OSError as exc:
+            print(f"spicestream: --metrics: cannot listen on {args.metrics[0]}:{args.metrics[1]}: {exc}",
+                  file=sys.stderr)
+            server.stop()
+            if session is not None:
+                session.close()
+            return 1
+        print(f"spicestream: metrics on http://{args.metrics[0]}:{metrics.server_port}/metrics", flush=True)
     what = f"{' '.join(args.cmd)} on {args.x_display}" if session is not None else f"the {args.source} display"
     serving = f"spicestream: serving {what} on spice://{args.host}:{server.port}"
     stop = threading.Event()
@@ -276,6 +304,8 @@ def serve(parser, args) -> int:
             run_demo(server.display, args.fps, args.size, stop, f"spice://{args.host}:{server.port}",
                      resizer)
     finally:
+        if metrics is not None:
+            metrics.shutdown()
         server.stop()
         if session is not None:
             session.close()

@@ -18,6 +18,7 @@ import pytest
     (["--max-clipboard", "0"], "--max-clipboard"), (["--max-clipboard", "12Q"], "--max-clipboard"),
     (["--file-transfer-dir", "/nonexistent/dir"], "--file-transfer-dir"),
     (["--max-file-size", "-5"], "--max-file-size"),
+    (["--metrics", "localhost:99999"], "--metrics"), (["--metrics", "x"], "--metrics"),
     (["--audio", "alsa"], "--audio"), (["--audio", "pulse"], "--audio"),  # the latter: not x11
     (["--bogus"], "--bogus"),
 ])

@@ -25,6 +25,8 @@ from typing import Callable
 
 import numpy as np
 
+from ..stats import LatencyHistogram
+
 DRAW_TIMEOUT_S = 0.9  # under the promised 1 s, with room for the 50 ms server tick
 DRM_FORMAT_MOD_LINEAR = 0
 DRM_FORMAT_MOD_INVALID = (1 << 56) - 1  # "implicit": drivers treat a plain buffer as linear
@@ -152,6 +154,7 @@ class DrawTracker:
         self.seq = 0
         self.completed = 0
         self.late = 0  # completed by the timeout rather than by consumers
+        self.latency = LatencyHistogram()  # gl_draw -> completion
 
     def add_consumer(self, consumer) -> None:
         with self._lock:
@@ -213,8 +216,10 @@ class DrawTracker:
 
     def _finish(self, done: list[PendingDraw]) -> None:
         # Callbacks run outside the lock, in draw order; each draw left _pending exactly once.
+        now = time.monotonic()
         for d in done:
             self.completed += 1
+            self.latency.observe(now - (d.deadline - DRAW_TIMEOUT_S))
             try:
                 self.on_done(d.cookie)
             except Exception:  # the producer's bug must not stop other completions

@@ -418,8 +418,16 @@ class Server:
         return asyncio.run_coroutine_threadsafe(run(), loop).result(5)
 
     def _collect_stats(self) -> dict:
-        out = {"clients": []}
-        for channel in list(self._core.display_channels):
+        core = self._core
+        out = {"clients": [], "server": {
+            "clients_connected": len(core.sessions), "sessions_started": core.sessions_started,
+            "link_attempts": core.link_attempts, "link_refusals": dict(core.link_refusals),
+            "encoder_fallbacks": dict(core.encoder_fallbacks),
+            "gl_draws": {"completed": self.display.draws.completed, "late": self.display.draws.late,
+                         "pending": self.display.draws.pending,
+                         "latency_hist": self.display.draws.latency.snapshot()},
+            "audio": {**core.audio.stats(), "clients": [c.stats() for c in core.audio.channels]}}}
+        for channel in list(core.display_channels):
             entry = {"peer": channel.conn.peer, "bytes_sent": channel.bytes_sent}
             if channel.streams is not None:
                 entry["streams"] = channel.streams.stats()

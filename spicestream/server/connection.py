@@ -252,6 +252,7 @@ class ChannelConnection(asyncio.Protocol):
                 if not self.core.hellos.allow(self.address, time.monotonic()):
                     self._drop("too many link hellos from its network")
                     return
+                self.core.link_attempts += 1
                 error = self.core.check_link(event, self)
                 if error != LinkError.OK:
                     self.link.reject(error)
@@ -324,6 +325,10 @@ class ChannelConnection(asyncio.Protocol):
     def _refuse(self, error: LinkError, reason: str) -> None:
         if self.closed:
             return
+        # Counted by kind (a wrong ticket says which way it was wrong; other reasons carry
+        # ids, which would make a metric label per attacker).
+        key = f"{error.name}: {reason}" if error == LinkError.PERMISSION_DENIED else error.name
+        self.core.link_refusals[key] += 1
         self.link.finish(error)
         self._write_link()
         self.abort(f"link refused: {error.name} ({reason})")

@@ -7,6 +7,7 @@ channel ends the session and closes its other channels.
 
 from __future__ import annotations
 
+import collections
 import inspect
 import logging
 import secrets
@@ -91,6 +92,9 @@ class ServerCore:
         self.uuid = uuidlib.uuid4().bytes
         self.sessions: dict[int, Session] = {}
         self.sessions_started = 0  # every client that ever linked its main channel
+        self.link_attempts = 0  # link messages received (every channel of every client)
+        self.link_refusals: collections.Counter = collections.Counter()  # by reason
+        self.encoder_fallbacks: collections.Counter = collections.Counter()  # by codec entry
         self.connections: set = set()
         self.unlinked = UnlinkedConnections()
         self.link_keys = LinkKeys()  # started with the loop (Server.serve)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from ..display.streams import StreamRegion
 from ..protocol.constants import DisplayCap, has_cap
 from ..protocol.messages import SERVER, Rect
+from ..stats import LatencyHistogram
 from ..video.codec import Codec
 from ..video.codec_list import CodecEntry, SwitchPacer
 from ..video.encoder import EncodedFrame, EncoderError, VideoEncoder
@@ -63,6 +64,9 @@ class ActiveStream:
     key_requests: list = field(default_factory=list)
     recent: collections.deque = field(default_factory=lambda: collections.deque(maxlen=RECENT_FRAMES))
     stats: dict = field(default_factory=dict)
+    # Capture -> encoded (the encoder's output reached us), and the stamp's lead when sent.
+    encode_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    playout_delay: LatencyHistogram = field(default_factory=LatencyHistogram)
 
 
 class StreamSender:
@@ -111,7 +115,7 @@ class StreamSender:
                 break
             except EncoderError as exc:
                 log.warning("%s: %s unusable, trying the next codec: %s", self.conn.peer, entry, exc)
-                self.failed.add(entry)
+                self._fell_back(entry)
         stream = ActiveStream(region, entry, encoder, secrets.randbits(32), rate,
                               last_fed=now, awaiting_key=encoder.joined_running)
         self.active = stream
@@ -247,6 +251,8 @@ class StreamSender:
         if stream is None or stream.encoder is not encoder or self.conn.closed:
             return  # a frame of a stream that has ended since
         meta = encoder.frame_meta(frame.timestamp_ms)
+        if meta is not None and meta[1] is not None:
+            stream.encode_latency.observe(self.core.clock() - meta[1])
         if self.display.scanout is not None and meta is not None:
             # The encoder has read the input: this client has what it needs from every draw
             # up to that frame, whatever happens to the encoded bytes now.
@@ -280,6 +286,7 @@ class StreamSender:
         now = self.core.clock()
         mm = self.core.mm_ms(now)
         stamp = self.playout.stamp(mm)
+        stream.playout_delay.observe((stamp - mm) / 1000)
         self.conn.send(self._data_message(stream.region, stamp, frame, frame.data))
         if frame.follow_up is not None:
             # Sent at once, in the same write: it lets the client show `frame` now.
@@ -389,7 +396,7 @@ class StreamSender:
             except EncoderError as exc:
                 message = str(exc)
         log.warning("%s: %s failed again (%s); switching codec", self.conn.peer, stream.entry, message)
-        self.failed.add(stream.entry)
+        self._fell_back(stream.entry)
         self.end(lossless=True)
         self.channel.writable()
 
@@ -401,7 +408,7 @@ class StreamSender:
             return  # stale: from an earlier stream with the same id
         if message.num_frames == 0 and message.num_drops == UNSUPPORTED_DROPS:
             log.warning("%s: client cannot decode %s; trying the next codec", self.conn.peer, stream.entry)
-            self.failed.add(stream.entry)
+            self._fell_back(stream.entry)
             self.end(lossless=True)
             self.channel.writable()
             return
@@ -419,6 +426,11 @@ class StreamSender:
             self.end(lossless=False)  # restart with the newly preferred codec
         self.channel.writable()
 
+    def _fell_back(self, entry: CodecEntry) -> None:
+        """`entry` is unusable for this client: the next codec in the list takes over."""
+        self.failed.add(entry)
+        self.core.encoder_fallbacks[str(entry)] += 1
+
     def _wants_switch(self) -> bool:
         return (self.active is not None
                 and self.codecs.choose(self.caps, self.preferred, self.failed) != self.active.entry)
@@ -433,6 +445,8 @@ class StreamSender:
                     bytes_sent=stream.bytes_sent,
                     copied_bytes=stream.copied_bytes, region=stream.region.rect,
                     copied_bytes_per_frame=stream.copied_bytes / max(1, stream.ledger.sent),
+                    encode_latency_hist=stream.encode_latency.snapshot(),
+                    playout_delay_hist=stream.playout_delay.snapshot(),
                     last_report=stream.stats.get("last_report"))
         if stream.entry.codec == Codec.MJPEG:
             info["quality"] = QUALITY_STEPS[stream.quality_index]
