@@ -152,16 +152,22 @@ class PrivateXServer:
     def _set_size(self) -> None:
         from .sources.x11randr import X11Resizer
 
-        resizer = X11Resizer(self.display)
-        try:
-            resizer.resize(*self.size)
-        finally:
-            resizer.close()
+        # Kept open while the server runs: a mode made by an X client goes with its connection.
+        self._resizer = X11Resizer(self.display)
+        if not self._resizer.resize(*self.size):
+            raise SessionError(f"Xorg did not take the size {self.size[0]}x{self.size[1]}")
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self) -> None:
+        resizer = getattr(self, "_resizer", None)
+        if resizer is not None:
+            try:
+                resizer.close()
+            except Exception:  # the server is already gone
+                pass
+            self._resizer = None
         stop_process(self.proc)
         if self.number is not None:
             # A server that had to be killed leaves these behind; ours are ours to remove.
@@ -178,9 +184,10 @@ class PrivateXServer:
 class PrivatePulse:
     """A PulseAudio server of our own with a null sink; its monitor is the desktop's sound."""
 
-    def __init__(self, workdir: Path):
-        self.dir = workdir / "pulse"
+    def __init__(self, workdir: Path, sink: str = "desktop"):
+        self.dir = Path(workdir) / "pulse"
         self.socket = self.dir / "native"
+        self.sink = sink
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -197,7 +204,7 @@ class PrivatePulse:
         self.proc = subprocess.Popen(
             ["pulseaudio", "-n", "--daemonize=no", "--exit-idle-time=-1", "--use-pid-file=no",
              f"--load=module-native-protocol-unix socket={self.socket} auth-anonymous=1",
-             "--load=module-null-sink sink_name=desktop rate=48000 channels=2",
+             f"--load=module-null-sink sink_name={self.sink} rate=48000 channels=2",
              "--load=module-always-sink"],
             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=open(self.dir / "pulseaudio.log", "ab"), preexec_fn=_die_with_parent)

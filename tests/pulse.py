@@ -17,34 +17,24 @@ def available() -> bool:
 
 
 class PulseServer:
+    """spicestream's own private PulseAudio (spicestream.session.PrivatePulse), for tests."""
+
     def __init__(self, directory: str | os.PathLike, sink: str = "spice"):
-        self.dir = Path(directory)
+        from spicestream.session import PrivatePulse
+
+        self.server = PrivatePulse(Path(directory), sink)
         self.sink = sink
-        self.socket = self.dir / "native"
-        self.env = {"PULSE_SERVER": f"unix:{self.socket}", "PULSE_SINK": sink}
-        self.proc: subprocess.Popen | None = None
+        self.env = {"PULSE_SERVER": self.server.address, "PULSE_SINK": sink}
 
     def start(self) -> "PulseServer":
-        (self.dir / "home").mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, HOME=str(self.dir / "home"), XDG_RUNTIME_DIR=str(self.dir),
-                   PULSE_RUNTIME_PATH=str(self.dir))
-        env.pop("PULSE_SERVER", None)
-        self.proc = subprocess.Popen(
-            ["pulseaudio", "-n", "--daemonize=no", "--exit-idle-time=-1", "--disallow-exit",
-             "--use-pid-file=no", "--disable-shm=yes",
-             f"--load=module-native-protocol-unix socket={self.socket} auth-anonymous=1",
-             f"--load=module-null-sink sink_name={self.sink} rate=48000 channels=2"],
-            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=open(self.dir / "pulseaudio.log", "ab"))
+        self.server.start()
         deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"pulseaudio exited ({self.proc.returncode}); see {self.dir}/pulseaudio.log")
-            if subprocess.run(["pactl", "info"], env=self.client_env(), capture_output=True).returncode == 0:
-                return self
+        while subprocess.run(["pactl", "info"], env=self.client_env(), capture_output=True).returncode != 0:
+            if time.monotonic() > deadline:
+                self.close()
+                raise RuntimeError("pulseaudio did not answer within 15 s")
             time.sleep(0.1)
-        self.close()
-        raise RuntimeError("pulseaudio did not answer within 15 s")
+        return self
 
     def client_env(self, base: dict | None = None) -> dict:
         return dict(base if base is not None else os.environ, **self.env)
@@ -56,14 +46,7 @@ class PulseServer:
                                 stdout=open(path, "wb"), env=self.client_env())
 
     def close(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-            self.proc = None
+        self.server.stop()
 
     def __enter__(self) -> "PulseServer":
         return self.start()

@@ -30,6 +30,7 @@ from spicestream.server.audio import SETTLE_MS
 from spicestream.testing.client import TestClient
 
 import pulse
+from helpers import Background
 
 try:
     from . import xclient
@@ -48,15 +49,14 @@ def peak_hz(x: np.ndarray, rate: int = RATE) -> float:
     return float(np.argmax(spectrum) * rate / len(x))
 
 
-class TonePlayer:
+class TonePlayer(Background):
     """Writes a tone to server.audio in 10 ms pieces, paced by deadline (not by sleeping after
     the work); counts the samples it wrote."""
 
     def __init__(self, server, freq=440.0, seconds=None):
         self.server, self.freq, self.seconds = server, freq, seconds
         self.written = 0
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
+        super().__init__()
 
     def run(self):
         start = time.monotonic()
@@ -66,14 +66,6 @@ class TonePlayer:
             self.server.audio.write(tone(self.freq, self.written, 480))
             self.written += 480
             self.stop.wait(max(0.0, start + self.written / RATE - time.monotonic()))
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join(5)
 
 
 # -- pure parts ------------------------------------------------------------------------------------

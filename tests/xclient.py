@@ -294,38 +294,10 @@ class XSession:
         Image.fromarray(np.ascontiguousarray(shot), "RGB").save(path)
 
 
-XORG_DUMMY_CONF = """\
-Section "ServerFlags"
-    Option "AutoAddDevices" "false"
-    Option "DontVTSwitch" "true"
-EndSection
-Section "Device"
-    Identifier "dummy"
-    Driver "dummy"
-    VideoRam 131072
-EndSection
-Section "Monitor"
-    Identifier "monitor"
-    HorizSync 5.0-1000.0
-    VertRefresh 5.0-200.0
-EndSection
-Section "Screen"
-    Identifier "screen"
-    Device "dummy"
-    Monitor "monitor"
-    DefaultDepth 24
-    SubSection "Display"
-        Depth 24
-        Virtual 3840 2160
-        Modes "{width}x{height}"
-    EndSubSection
-EndSection
-"""
-
-
 class XorgDummySession(XSession):
-    """Xorg with the dummy video driver (xserver-xorg-video-dummy): unlike Xvfb, its screen
-    takes any size through RandR, as a desktop that follows the viewer's window needs."""
+    """Xorg with the dummy video driver (xserver-xorg-video-dummy), configured as `spicestream
+    run --x-server xorg` configures it: unlike Xvfb, its screen takes any size through RandR,
+    as a desktop that follows the viewer's window needs."""
 
     server_name = "xorg"
 
@@ -334,8 +306,28 @@ class XorgDummySession(XSession):
         self.config = Path(log_dir) / "xorg-dummy.conf"
 
     def _server_command(self, number: int, displayfd: int) -> list[str]:
+        from spicestream.session import XORG_DUMMY_CONF
+
         self.config.parent.mkdir(parents=True, exist_ok=True)
-        self.config.write_text(XORG_DUMMY_CONF.format(width=self.width, height=self.height))
+        self.config.write_text(XORG_DUMMY_CONF)
         return ["Xorg", f":{number}", "-displayfd", str(displayfd), "-config", str(self.config),
                 "-logfile", str(self.config.with_suffix(".log")), "-nolisten", "tcp", "-noreset",
                 "-novtswitch", "-sharevts"]
+
+    def _start_xvfb(self) -> None:
+        super()._start_xvfb()
+        from spicestream.sources.x11randr import X11Resizer
+
+        # The dummy starts at its largest mode. Kept open: a mode goes with its X connection.
+        self._resizer = X11Resizer(self.display)
+        if not self._resizer.resize(self.width, self.height):
+            raise RuntimeError(f"Xorg-dummy did not take {self.width}x{self.height}")
+
+    def close(self) -> None:
+        resizer, self._resizer = getattr(self, "_resizer", None), None
+        if resizer is not None:
+            try:
+                resizer.close()
+            except Exception:
+                pass
+        super().close()
