@@ -234,8 +234,9 @@ def test_shaped_link_converges_keeps_latency_and_memory_flat_and_recovers():
     cuts = limited["decreases"] - decreases_converged
     assert cuts >= 1, f"{shaping}: the encoder never filled the link; nothing was proven"
     # What went on the wire sits at the link: the encoder used it and the queue stayed short
-    # (below). The target is the encoder's budget, and x264 spends ~75-80 % of it on this
-    # content: its median sits at 1.0-1.3x the link, never above LIMIT / USED_SHARE by design.
+    # (below). Measured: sent medians 0.82-0.92x the link (one core busy: 0.83x). The target is
+    # the encoder's budget, of which x264 spends 64-80 % here: its median sits at 0.97-1.05x
+    # the link, never above LIMIT / USED_SHARE by design.
     assert 0.5 * LIMIT < sent_rate < 1.15 * LIMIT, f"{shaping}: median sent rate {sent_rate:.0f} bit/s"
     assert 0.5 * LIMIT < limited_rate < LIMIT / USED_SHARE, f"{shaping}: median target {limited_rate:.0f} bit/s"
     assert len(delays) > 0.25 * produced, f"only {len(delays)} of {produced} frames matched after convergence"
