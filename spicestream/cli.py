@@ -189,12 +189,10 @@ def serve(parser, args) -> int:
 
     session = None
     if args.command == "run":
-        session = _start_session(parser, args)
-        if isinstance(session, int):
-            return session
+        _check_run(parser, args)  # before anything starts: a bad run leaves nothing behind
     if args.source == "x11" and not args.x_display:
         parser.error("argument --x-display: required with --source x11")
-    if args.audio is not None and args.source != "x11":
+    if args.audio is not None and args.source != "x11" and args.command != "run":
         parser.error("argument --audio: needs --source x11 (applications give sound with server.audio)")
     password = _read_password(parser, args.password_file) if args.password_file else None
     if password is None and not args.disable_ticketing and not is_loopback(args.host):
@@ -232,6 +230,10 @@ def serve(parser, args) -> int:
         parser.error(f"argument --tls-cert/--tls-key: {exc}")
     except ValueError as exc:
         parser.error(f"argument --secure-channels: {exc}")
+    if args.command == "run":
+        session = _start_session(args)
+        if isinstance(session, int):
+            return session
     try:
         server.start()
     except OSError as exc:
@@ -306,16 +308,16 @@ def serve(parser, args) -> int:
     finally:
         if metrics is not None:
             metrics.shutdown()
+            metrics.server_close()
         server.stop()
         if session is not None:
             session.close()
     return status
 
 
-def _start_session(parser, args):
-    """`run`: check its arguments, start the private X server (and PulseAudio); the session,
-    or the exit status when it cannot start."""
-    from .session import Session, SessionError
+def _check_run(parser, args) -> None:
+    """`run`'s own arguments (exit status 2 naming what is wrong)."""
+    import shutil
 
     command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not command:
@@ -324,13 +326,18 @@ def _start_session(parser, args):
         parser.error("argument --source/--x-display: run serves the X server it starts itself")
     if args.audio:
         parser.error("argument --audio: with run, give --audio pulse (the session's own PulseAudio)")
-    import shutil
-
     if shutil.which(command[0]) is None:
         parser.error(f"the command to run does not exist: {command[0]}")
     args.cmd = command
+
+
+def _start_session(args):
+    """`run`: start the private X server (and PulseAudio); the session, or the exit status
+    when it cannot start."""
+    from .session import Session, SessionError
+
     try:
-        session = Session(command, args.x_server, args.size, audio=args.audio is not None).start()
+        session = Session(args.cmd, args.x_server, args.size, audio=args.audio is not None).start()
     except SessionError as exc:
         print(f"spicestream: {exc}", file=sys.stderr)
         return 1

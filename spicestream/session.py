@@ -66,19 +66,38 @@ def _die_with_parent() -> None:
 
 
 def stop_process(proc: subprocess.Popen | None, grace: float = STOP_GRACE_S) -> None:
-    """SIGTERM the process's group, then SIGKILL after `grace`; reap it."""
-    if proc is None or proc.poll() is not None:
+    """SIGTERM the process's group (what it started too, even if it has already exited
+    itself), then SIGKILL what is left after `grace`; reap it."""
+    if proc is None:
         return
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, grace)):
+    for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
-            pass
+            break  # nobody left in the group
         try:
-            proc.wait(wait)
-            return
+            proc.wait(grace)
         except subprocess.TimeoutExpired:
             continue
+        if sig == signal.SIGTERM:
+            # The leader is gone; give the rest of its group the same grace, then kill it.
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline and _group_alive(proc.pid):
+                time.sleep(0.05)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
 
 
 class PrivateXServer:
@@ -115,6 +134,9 @@ class PrivateXServer:
         try:
             self.proc = subprocess.Popen(self._command(write_fd), pass_fds=(write_fd,), stdin=subprocess.DEVNULL,
                                          stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+        except OSError:
+            os.close(read_fd)
+            raise
         finally:
             os.close(write_fd)
             log_file.close()
@@ -127,6 +149,10 @@ class PrivateXServer:
             tail = (self.workdir / f"{self.kind}.log").read_text(errors="replace")[-600:]
             raise SessionError(f"{binary} did not start: {tail.strip() or 'no output'}")
         self.number = number
+        try:  # which socket is ours, should we have to remove it (stop)
+            self._socket_inode = os.stat(f"/tmp/.X11-unix/X{number}").st_ino
+        except OSError:
+            self._socket_inode = None
         if self.kind == "xorg":
             self._set_size()
         log.info("%s on %s (%dx%d)", binary, self.display, *self.size)
@@ -168,17 +194,32 @@ class PrivateXServer:
             except Exception:  # the server is already gone
                 pass
             self._resizer = None
-        stop_process(self.proc)
-        if self.number is not None:
-            # A server that had to be killed leaves these behind; ours are ours to remove.
-            for path in (f"/tmp/.X{self.number}-lock", f"/tmp/.X11-unix/X{self.number}"):
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
-                except OSError as exc:
-                    log.warning("could not remove %s: %s", path, exc)
-        self.proc = None
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        stop_process(proc)
+        if self.number is not None and proc.returncode == -signal.SIGKILL:
+            # A killed server leaves its socket (and lock file, if it made one) behind. Only
+            # ours are removed: another server may have taken the display number since.
+            lock, sock = Path(f"/tmp/.X{self.number}-lock"), Path(f"/tmp/.X11-unix/X{self.number}")
+            try:
+                lock_ours = int(lock.read_text().strip() or 0) == proc.pid
+            except FileNotFoundError:
+                lock_ours = None  # none to remove (-displayfd servers make none here)
+            except (OSError, ValueError):
+                lock_ours = False
+            try:
+                sock_ours = self._socket_inode is not None and os.stat(sock).st_ino == self._socket_inode
+            except OSError:
+                sock_ours = False
+            for path, ours in ((lock, lock_ours), (sock, sock_ours and lock_ours is not False)):
+                if ours:
+                    try:
+                        path.unlink()
+                    except FileNotFoundError:
+                        pass
+                    except OSError as exc:
+                        log.warning("could not remove %s: %s", path, exc)
 
 
 class PrivatePulse:
@@ -201,13 +242,15 @@ class PrivatePulse:
         env = dict(os.environ, HOME=str(self.dir / "home"), XDG_RUNTIME_DIR=str(self.dir),
                    PULSE_RUNTIME_PATH=str(self.dir))
         env.pop("PULSE_SERVER", None)
+        log_file = open(self.dir / "pulseaudio.log", "ab")
         self.proc = subprocess.Popen(
             ["pulseaudio", "-n", "--daemonize=no", "--exit-idle-time=-1", "--use-pid-file=no",
              f"--load=module-native-protocol-unix socket={self.socket} auth-anonymous=1",
              f"--load=module-null-sink sink_name={self.sink} rate=48000 channels=2",
              "--load=module-always-sink"],
             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=open(self.dir / "pulseaudio.log", "ab"), preexec_fn=_die_with_parent)
+            stderr=log_file, preexec_fn=_die_with_parent)
+        log_file.close()  # the child has its own
         deadline = time.monotonic() + START_TIMEOUT_S
         while not self.socket.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:

@@ -326,6 +326,11 @@ def test_hostile_agent_data_closes_only_that_client(server):
 # -- fuzz: the agent only ever raises ProtocolError ------------------------------------------------
 class _Sink:
     peer = "fuzz"
+    can_send = True
+    closed = False
+
+    def abort(self, reason, level=None) -> None:
+        raise AssertionError(f"aborted: {reason}")
 
     def __init__(self):
         self.sent = 0

@@ -318,9 +318,9 @@ def test_too_many_caps_words(server, client, caplog, counts):
     assert_client_updates(server, client)
 
 
-@pytest.mark.parametrize("ch_type, ch_id", [(ChannelType.PLAYBACK, 0), (200, 0), (0, 0),
+@pytest.mark.parametrize("ch_type, ch_id", [(ChannelType.SMARTCARD, 0), (200, 0), (0, 0),
                                             (ChannelType.DISPLAY, 1)],
-                         ids=["playback", "type-200", "type-0", "display-1"])
+                         ids=["smartcard", "type-200", "type-0", "display-1"])
 def test_unknown_channel(server, host, client, caplog, ch_type, ch_id):
     with peer(server) as p:
         p.send(ClientLink(host.session_id, ch_type, ch_id).hello)

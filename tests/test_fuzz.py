@@ -61,7 +61,7 @@ HOST = "127.0.0.1"
 PASSWORD = "fuzz-pw"
 W, H = 64, 48
 SERVED = {(int(t), 0) for t in (ChannelType.MAIN, ChannelType.DISPLAY, ChannelType.INPUTS,
-                                ChannelType.CURSOR)}
+                                ChannelType.CURSOR, ChannelType.PLAYBACK, ChannelType.RECORD)}
 CHANNELS = [ChannelType.MAIN, ChannelType.DISPLAY, ChannelType.INPUTS, ChannelType.CURSOR]
 FUZZ_SETTINGS = dict(deadline=None, database=None, print_blob=True,
                      suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
@@ -167,6 +167,11 @@ def random_frame(rng: random.Random, channel_type: int, mini: bool) -> bytes:
 
 class _QuietConn:
     peer = "fuzz oracle"
+    can_send = True
+    closed = False
+
+    def abort(self, reason, level=None) -> None:
+        raise AssertionError(f"aborted: {reason}")
 
     def send(self, message) -> None:
         pass

@@ -20,7 +20,7 @@ def test_init_and_channels_list(server, connect):
     assert init.supported_mouse_modes == 3 and init.current_mouse_mode == MouseMode.CLIENT
     assert init.multi_media_time != 0
     listed = next(m for m in client.messages if type(m) is SERVER.MAIN_CHANNELS_LIST)
-    assert [(e.type, e.id) for e in listed.channels] == [(2, 0), (3, 0), (4, 0)]
+    assert [(e.type, e.id) for e in listed.channels] == [(2, 0), (3, 0), (4, 0), (5, 0), (6, 0)]
 
 
 def test_mouse_mode_request(connect):

@@ -80,7 +80,7 @@ class Run:
         assert not self.ours(), f"X servers left: {self.ours()}"
         if self.display:
             n = self.display[1:]
-            assert not os.path.exists(f"/tmp/.X{n}-lock") and not os.path.exists(f"/tmp/.X11-unix/X{n}")
+            assert not os.path.exists(f"/tmp/.X{n}-lock") and not os.path.exists(f"/tmp/.X11-unix/X{n}"), n
 
 
 def test_typing_reaches_the_xterm_and_exit_ends_the_session_with_status_0(tmp_path):

@@ -137,12 +137,13 @@ class AudioOutput:
         if rate not in RATES:
             raise AudioError(f"rate {rate}: one of {', '.join(map(str, RATES))}")
         a = to_stereo(samples, channels)
+        if a.shape[1] == 1:
+            a = np.repeat(a, 2, axis=1)  # stereo before resampling: one resampler state per rate
         with self._lock:
             resampler = self._resamplers.setdefault(rate, Resampler(rate))
-            a = resampler(a)
-            if a.shape[1] == 1:
-                a = np.repeat(a, 2, axis=1)
-            self._chunks.append(np.ascontiguousarray(a, np.float32))
+            resampled = resampler(a)
+            # Our own copy: a caller may reuse its buffer as soon as write() returns.
+            self._chunks.append(np.array(resampled, np.float32, order="C"))
             self._queued += len(a)
             self.written_samples += len(a)
             excess = self._queued - int(MAX_QUEUED_S * RATE)

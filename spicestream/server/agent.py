@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..protocol.agent import (
+    MAX_CHUNK,
     AgentCap,
     AgentCodec,
     AgentMsg,
@@ -31,7 +32,6 @@ from ..protocol.agent import (
     Selection,
     caps_of,
     caps_words,
-    chunks,
     monitors_of,
     u32_list,
 )
@@ -46,7 +46,7 @@ log = logging.getLogger("spicestream.agent")
 
 AGENT_WINDOW = 10  # tokens granted in MAIN_INIT (spice-server's REDS_AGENT_WINDOW_SIZE)
 TOKENS_TO_SEND = 5  # return consumed tokens in bunches (REDS_TOKENS_TO_SEND)
-MAX_QUEUED_BYTES = 64 << 20  # chunks waiting for the client's tokens, all messages together
+MAX_IMAGE_PIXELS = 8192 * 8192  # a client's BMP/TIFF/JPEG is decoded only up to this size
 
 MIME_TEXT = "text/plain;charset=utf-8"
 MIME_PNG = "image/png"
@@ -70,10 +70,14 @@ class ClipboardError(ValueError):
 
 
 def to_png(data: bytes) -> bytes:
-    """A client's BMP/TIFF/JPEG clipboard image as PNG (Pillow)."""
+    """A client's BMP/TIFF/JPEG clipboard image as PNG (Pillow). Its size is read from the
+    header first: a few compressed megabytes can claim gigabytes of pixels."""
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as image:
+        width, height = image.size
+        if width * height > MAX_IMAGE_PIXELS:
+            raise ValueError(f"a {width}x{height} image (at most {MAX_IMAGE_PIXELS} pixels)")
         image.load()
         out = io.BytesIO()
         image.save(out, format="PNG")
@@ -132,6 +136,7 @@ class Agent:
         self.queued_bytes = 0
         self._seq = 0
         self._sending: int | None = None  # the message partly sent, if any
+        self._queued_offer: dict[Selection, tuple[int, object]] = {}  # selection -> (seq, Offer)
         # A client copying more than we take is no attack: its clipboard is read past.
         self.stream = AgentStream(self._limit_of, lambda kind: kind == AgentMsg.CLIPBOARD)
         # GRAB_SERIAL: one counter per selection shared with the client, as spice-vdagent
@@ -197,12 +202,19 @@ class Agent:
         key = selection if kind == AgentMsg.CLIPBOARD else None
         if key is not None:
             self._drop_unsent(key)
-        for part in chunks(packed):
+        view = memoryview(packed)
+        for i in range(0, max(len(packed), 1), MAX_CHUNK):
+            part = view[i:i + MAX_CHUNK]
             self.queue.append((self._seq, key, part))
             self.queued_bytes += len(part)
         self._pump()
-        if self.queued_bytes > MAX_QUEUED_BYTES:
-            raise ProtocolError(f"{self.queued_bytes} bytes of agent data waiting for the client's tokens")
+        # Three clipboards' worth (both selections and one being replaced) and some slack: a
+        # client that takes none of it is stalled, and goes.
+        limit = 3 * self.core.clipboard.max_bytes + (1 << 20)
+        if self.queued_bytes > limit and not self.conn.closed:
+            self.queue.clear()
+            self.queued_bytes = 0
+            self.conn.abort(f"agent: {limit} bytes waiting for a client that does not read them")
 
     def _drop_unsent(self, selection: Selection) -> None:
         kept = collections.deque()
@@ -216,7 +228,8 @@ class Agent:
         self.queue = kept
 
     def _pump(self) -> None:
-        while self.queue and self.tokens_from_client > 0:
+        """Send what the client's tokens and our socket allow (the rest waits, bounded)."""
+        while self.queue and self.tokens_from_client > 0 and self.conn.can_send:
             seq, _, part = self.queue.popleft()
             self._sending = seq if self.queue and self.queue[0][0] == seq else None
             self.queued_bytes -= len(part)
@@ -335,6 +348,10 @@ class Agent:
     def _client_request(self, message) -> None:
         selection = self._selection(message)
         offer = self.core.clipboard.offers.get(selection)
+        queued = self._queued_offer.get(selection)
+        if queued is not None and queued[1] is offer and any(seq == queued[0] for seq, _, _ in self.queue):
+            self.stats["requests_already_queued"] += 1
+            return  # that very content is still on its way: a second copy helps nobody
         fits = (offer is not None and offer.kind == message.type
                 and (self.client_max_clipboard < 0 or len(offer.data) <= self.client_max_clipboard))
         if not fits:
@@ -343,6 +360,7 @@ class Agent:
         # Text goes without a NUL (spice-gtk would paste it); a request is always answered,
         # NONE included: spice-gtk waits for the answer without a timeout.
         self.send(AgentMsg.CLIPBOARD, selection=selection, type=offer.kind, data=offer.data)
+        self._queued_offer[selection] = (self._seq, offer)
 
     # -- file transfer ---------------------------------------------------------------------
     def _file_status(self, xfer_id: int, result: int, detail: bytes = b"") -> None:

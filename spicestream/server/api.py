@@ -334,7 +334,7 @@ class Server:
         self._stopping = asyncio.Event()
         self.display.wake = self._wake
         pump = self._core.audio
-        pump.output.wake = lambda: self._call_on_loop(pump.wake)
+        pump.output.wake = lambda: loop.call_soon_threadsafe(pump.wake) if not loop.is_closed() else None
         pump.output.on_volume = lambda: self._call_on_loop(
             lambda: [c.send_volume() for c in list(pump.channels)])
         listener = await loop.create_server(lambda: ChannelConnection(self._core), self.host, self.port)
@@ -376,6 +376,7 @@ class Server:
             self._core.link_keys.close()
             self.display.draws.flush()  # nothing will consume pending draws any more
             self.display.wake = lambda: None
+            self._core.audio.reset()  # no timer of a dead loop; a restart starts streams anew
             self._loop = None
 
     async def _tick(self) -> None:

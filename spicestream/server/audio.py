@@ -60,6 +60,14 @@ class AudioPump:
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_soon(self.pump)
 
+    def reset(self) -> None:
+        """The server stopped: forget the loop's timer and the stream (queued sound stays)."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = None
+        self.clock = PacketClock()
+        self.output.wake = lambda: None
+
     def pump(self) -> None:
         self._timer = None
         now = self.core.mm_ms(self.core.clock())

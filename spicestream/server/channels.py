@@ -76,6 +76,10 @@ class MainChannel(ChannelHandler):
             self.conn.send(SERVER.MAIN_NAME(core.name.encode() + b"\x00"))
             self.conn.send(SERVER.MAIN_UUID(core.uuid))
 
+    def writable(self) -> None:
+        if self.agent is not None and self.agent.queue:
+            self.agent._pump()  # agent data waiting for room in the socket
+
     def _ping(self) -> None:
         # Keeps idle links alive through middleboxes and measures the round trip (PONG).
         self._pings += 1

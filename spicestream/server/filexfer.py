@@ -36,6 +36,7 @@ G_IO_ERROR_TOO_MANY_OPEN_FILES = 31  # more transfers at once than we take
 class FileTransferConfig:
     directory: str
     max_size: int = 1 << 30
+    promised: int = 0  # bytes still to come for every transfer accepted, all clients together
 
 
 @dataclass
@@ -142,7 +143,8 @@ class FileReceiver:
         except OSError as exc:
             self._refuse(xfer_id, XferStatus.ERROR, io_error(G_IO_ERROR_FAILED), f"{directory}: {exc}")
             return
-        room = max(0, min(free, self.config.max_size))
+        # What transfers already accepted will still write is not free any more.
+        room = max(0, min(free - self.config.promised, self.config.max_size))
         if size > room:
             # spice-gtk tells its user "not enough space": the limit reads the same to them.
             self._refuse(xfer_id, XferStatus.NOT_ENOUGH_SPACE,
@@ -155,6 +157,7 @@ class FileReceiver:
             self._refuse(xfer_id, XferStatus.ERROR, io_error(G_IO_ERROR_FAILED), str(exc))
             return
         self.active[xfer_id] = Transfer(base, size, fd, temp_path)
+        self.config.promised += size
         log.info("%s: receiving %r (%d bytes)", self.peer, base, size)
         self._status(xfer_id, XferStatus.CAN_SEND_DATA)
         if size == 0:
@@ -177,6 +180,7 @@ class FileReceiver:
             self._fail(xfer_id, str(exc), G_IO_ERROR_FAILED)
             return
         transfer.received += size
+        self.config.promised -= size
         if transfer.received == transfer.size:
             self._finish(xfer_id)
 
@@ -229,8 +233,9 @@ class FileReceiver:
         log.info("%s: file transfer refused: %s", self.peer, why)
         self._status(xfer_id, result, detail)
 
-    @staticmethod
-    def _discard(transfer: Transfer) -> None:
+    def _discard(self, transfer: Transfer) -> None:
+        self.config.promised -= transfer.size - transfer.received
+        transfer.received = transfer.size
         if transfer.fd >= 0:
             os.close(transfer.fd)
             transfer.fd = -1

@@ -309,6 +309,11 @@ class X11Source:
             self.conn.flush()
 
     def close(self) -> None:
+        server = self.server
+        if server.on_clipboard == self.clipboard.offer:  # nothing reaches a closed bridge
+            server.on_clipboard = None
+        if server.on_resize == self.resizer.resize:
+            server.on_resize = None
         for part in (self.resizer, self.clipboard):
             try:
                 part.close()

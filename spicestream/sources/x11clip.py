@@ -65,7 +65,9 @@ class X11ClipboardBridge:
         self.pending_fetch: list[int] = []
         self.sending: dict[tuple[int, int], dict] = {}  # (requestor, property) -> INCR state
         self._wake_r, self._wake_w = os.pipe()
-        self._requests: list[tuple[str, bytes, str]] = []
+        os.set_blocking(self._wake_w, False)  # the server's loop never waits on us
+        self._requests: dict[str, tuple[str, bytes]] = {}  # selection -> newest (mime, data)
+        self._closed = False
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="x11-clipboard", daemon=True)
@@ -73,16 +75,30 @@ class X11ClipboardBridge:
 
     # -- from the server thread -------------------------------------------------------------
     def offer(self, mime: str, data: bytes, selection: str) -> None:
-        """A SPICE client copied `data`: own `selection` on the X server with it."""
+        """A SPICE client copied `data`: own `selection` on the X server with it. Only the
+        newest copy per selection waits for the bridge's thread."""
         with self._lock:
-            self._requests.append((mime, data, selection))
-        os.write(self._wake_w, b"!")
+            if self._closed or not self._thread.is_alive():
+                return
+            self._requests[selection] = (mime, data)
+            try:
+                os.write(self._wake_w, b"!")
+            except BlockingIOError:  # the pipe is full of wake-ups already
+                pass
 
     def close(self) -> None:
-        self._stop.set()
-        os.write(self._wake_w, b"!")
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._stop.set()
+            try:
+                os.write(self._wake_w, b"!")
+            except BlockingIOError:
+                pass
         self._thread.join(5)
-        self.conn.disconnect()
+        if not self._thread.is_alive():
+            self.conn.disconnect()
         os.close(self._wake_r)
         os.close(self._wake_w)
 
@@ -92,11 +108,21 @@ class X11ClipboardBridge:
         try:
             while not self._stop.is_set():
                 with self._lock:
-                    requests, self._requests = self._requests, []
-                for mime, data, selection in requests:
+                    requests, self._requests = self._requests, {}
+                for selection, (mime, data) in requests.items():
                     self._own(mime, data, selection)
-                while (event := self.conn.poll_for_event()) is not None:
-                    self._event(event)
+                while True:
+                    try:
+                        event = self.conn.poll_for_event()
+                        if event is None:
+                            break
+                        self._event(event)
+                    except self.xcffib.ConnectionException:
+                        raise
+                    except self.xcffib.XcffibException as exc:
+                        # An X error for one request (a requestor's window gone before our
+                        # answer): that transfer fails, the bridge goes on.
+                        log.debug("X error in the clipboard bridge: %s", exc)
                 self._expire(time.monotonic())
                 self.conn.flush()
                 ready, _, _ = select.select([fd, self._wake_r], [], [], 0.5)
@@ -151,7 +177,9 @@ class X11ClipboardBridge:
                 ok = True
             elif mime == MIME_TEXT and target in TEXT_TARGETS:
                 value = data.decode("utf-8", "replace").encode("latin-1", "replace") if target == "STRING" else data
-                ok = self._send(event.requestor, prop, event.target, value)
+                # TEXT asks for "an encoding of the owner's choice": answered as UTF8_STRING.
+                kind = self.atom["UTF8_STRING"] if target == "TEXT" else event.target
+                ok = self._send(event.requestor, prop, kind, value)
             elif mime == PNG and target == PNG:
                 ok = self._send(event.requestor, prop, event.target, data)
         notify = self.xp.SelectionNotifyEvent.synthetic(event.time, event.requestor, event.selection,

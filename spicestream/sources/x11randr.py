@@ -23,8 +23,8 @@ def mode_timings(width: int, height: int, refresh: int = 60) -> tuple:
     """A ModeInfo (without id and name length) the dummy driver accepts: blanking like
     CVT's reduced blanking, a dot clock for `refresh` Hz."""
     htotal, vtotal = width + 160, height + 30
-    return (width, height, htotal * vtotal * refresh, width + 48, width + 80, htotal, 0,
-            height + 3, height + 8, vtotal)
+    clock = min(htotal * vtotal * refresh, 0xFFFFFFFF)  # a u32 on the wire (32767-wide screens)
+    return (width, height, clock, width + 48, width + 80, htotal, 0, height + 3, height + 8, vtotal)
 
 
 class X11Resizer:
@@ -96,13 +96,24 @@ class X11Resizer:
                                         len(name), name).reply().mode
             randr.AddOutputModeChecked(output, mode).check()
         # Off, new screen size, on with the new mode: a CRTC may never lie outside the screen.
-        randr.SetCrtcConfig(info.crtc, 0, res.config_timestamp, 0, 0, 0, ROTATE_0, 0, []).reply()
-        randr.SetScreenSizeChecked(root, width, height, width * 254 // (DPI * 10),
-                                   height * 254 // (DPI * 10)).check()
-        reply = randr.SetCrtcConfig(info.crtc, 0, res.config_timestamp, 0, 0, mode,
-                                    crtc.rotation or ROTATE_0, 1, [output]).reply()
-        if reply.status != 0:
-            return f"setting the mode failed (status {reply.status})"
+        off = randr.SetCrtcConfig(info.crtc, 0, res.config_timestamp, 0, 0, 0, ROTATE_0, 0, []).reply()
+        if off.status != 0:
+            return f"the X server would not reconfigure its output (status {off.status})"
+        try:
+            randr.SetScreenSizeChecked(root, width, height, width * 254 // (DPI * 10),
+                                       height * 254 // (DPI * 10)).check()
+            reply = randr.SetCrtcConfig(info.crtc, 0, res.config_timestamp, 0, 0, mode,
+                                        crtc.rotation or ROTATE_0, 1, [output]).reply()
+            failed = reply.status != 0
+        except self.xcffib.XcffibException:
+            failed = True
+        if failed:
+            # Back to what it was rather than leave the screen without an output.
+            randr.SetScreenSizeChecked(root, crtc.width, crtc.height, crtc.width * 254 // (DPI * 10),
+                                       crtc.height * 254 // (DPI * 10)).check()
+            randr.SetCrtcConfig(info.crtc, 0, res.config_timestamp, crtc.x, crtc.y, crtc.mode,
+                                crtc.rotation or ROTATE_0, len(crtc.outputs), list(crtc.outputs)).reply()
+            return f"the X server refused {width}x{height}"
         # Xvfb takes every request above and keeps its size: believe only the result.
         geometry = self.conn.core.GetGeometry(root).reply()
         if (geometry.width, geometry.height) != (width, height):
