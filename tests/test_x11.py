@@ -309,3 +309,26 @@ def test_capture_pacer_allows_fps_on_average_and_absorbs_jitter():
             captures += 1
         now += max(wait, 0.001)
     assert 299 <= captures <= 302, captures
+
+
+def test_a_capture_racing_a_screen_resize_takes_the_new_size(tmp_path):
+    """Damage reported before the screen shrank, captured before its ScreenChangeNotify is
+    read: a capture of the old size does not fit the new screen (BadMatch). The source takes
+    the size the screen has now instead of dying (a red clean-clone run: before, the capture
+    thread ended on the X error and the display stopped following)."""
+    from spicestream.sources.x11randr import X11Resizer
+
+    with xclient.XSession(W, H, log_dir=tmp_path / "served") as x:
+        server = spicestream.Server(port=0, width=64, height=64, streaming_video="off").start()
+        source = X11Source(x.display, server, fps=30)
+        resizer = X11Resizer(x.display)
+        try:
+            source.capture(None)
+            assert resizer.resize(W - 100, H - 80)
+            source.capture_changes([(0, 0, W, H)], None)  # the damage, as the loop had it
+            assert (server.display.width, server.display.height) == (W - 100, H - 80)
+            assert (source.width, source.height) == (W - 100, H - 80)
+        finally:
+            resizer.close()
+            source.close()
+            server.stop()

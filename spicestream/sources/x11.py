@@ -245,16 +245,37 @@ class X11Source:
                 if delay > 0:
                     stop.wait(delay)  # then gather what else changed meanwhile
                     continue
-                if resized and resized != (self.width, self.height):
-                    with self.lock:
-                        self._allocate(*resized)
-                    self.capture(None)
-                elif damage:
-                    self.capture(damage)
+                self.capture_changes(damage, resized)
                 pacer.captured(time.monotonic())
                 damage, resized = [], None
                 continue
             select.select([fd], [], [], 0.1)  # an X event, or a look at `stop`
+
+    def capture_changes(self, damage: list, resized: tuple[int, int] | None) -> None:
+        """Capture what the events since the last capture said changed."""
+        try:
+            if resized and resized != (self.width, self.height):
+                with self.lock:
+                    self._allocate(*resized)
+                self.capture(None)
+            elif damage:
+                self.capture(damage)
+        except self.xcffib.ConnectionException:
+            raise
+        except self.xcffib.XcffibException as exc:
+            # The screen changed size between its damage and its ScreenChangeNotify: a capture
+            # of the old size does not fit (BadMatch). Take the size it has now.
+            self._follow_screen(exc)
+
+    def _follow_screen(self, error) -> None:
+        geometry = self.conn.core.GetGeometry(self.root).reply()
+        size = (geometry.width, geometry.height)
+        if size == (self.width, self.height):
+            log.warning("capture failed (%s) at an unchanged size %dx%d", type(error).__name__, *size)
+            return
+        with self.lock:
+            self._allocate(*size)
+        self.capture(None)
 
     # -- cursor ------------------------------------------------------------------------------------
     def _update_cursor(self) -> None:
