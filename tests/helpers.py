@@ -74,3 +74,25 @@ class Paced(Background):
             if next_at < now - period:
                 next_at = now
             self.stop.wait(max(0.0, next_at - now))
+
+
+class FakeConnection:
+    """The part of a server connection an `Agent` uses, for driving one without a socket:
+    counts what it sends; an abort is a test failure (only hostile streams close, and those
+    raise ProtocolError first)."""
+
+    can_send = True
+    closed = False
+
+    def __init__(self, peer: str = "fake"):
+        self.peer = peer
+        self.sent = 0
+
+    def abort(self, reason, level=None) -> None:
+        raise AssertionError(f"aborted: {reason}")
+
+    def send(self, message) -> None:
+        self.sent += 1
+
+    def flush(self) -> None:
+        pass

@@ -36,6 +36,8 @@ from spicestream.server.agent import ClipboardError
 from spicestream.server.filexfer import parse_start, safe_name
 from spicestream.testing.client import TestClient
 
+from helpers import FakeConnection
+
 
 # What spice-gtk 0.42 announces (channel-main.c agent_announce_caps).
 GTK_CAPS = {AgentCap.MOUSE_STATE, AgentCap.MONITORS_CONFIG, AgentCap.REPLY, AgentCap.DISPLAY_CONFIG,
@@ -324,24 +326,6 @@ def test_hostile_agent_data_closes_only_that_client(server):
 
 
 # -- fuzz: the agent only ever raises ProtocolError ------------------------------------------------
-class _Sink:
-    peer = "fuzz"
-    can_send = True
-    closed = False
-
-    def abort(self, reason, level=None) -> None:
-        raise AssertionError(f"aborted: {reason}")
-
-    def __init__(self):
-        self.sent = 0
-
-    def send(self, message) -> None:
-        self.sent += 1
-
-    def flush(self) -> None:
-        pass
-
-
 def _random_agent_message(rng, codec):
     from spicestream.protocol.agent import AGENT_TABLE
 
@@ -378,7 +362,7 @@ def test_agent_fuzz_raises_only_protocol_errors(tmp_path):
         rng = random.Random(seed)
         core = ServerCore(Display(64, 64), None, "fuzz")
         core.file_transfer = FileTransferConfig(str(tmp_path), 10_000)
-        agent = Agent(core, _Sink(), "fuzz")
+        agent = Agent(core, FakeConnection("fuzz"), "fuzz")
         caps = set(rng.sample(sorted(AgentCap), rng.randint(0, len(AgentCap))))
         codec = AgentCodec(caps)
         stream = b""

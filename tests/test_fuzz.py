@@ -34,7 +34,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import spicestream
-from helpers import fresh_source
+from helpers import FakeConnection, fresh_source
 import spicestream.protocol.link as link_mod
 from spicestream.protocol.channel import ChannelProtocol
 from spicestream.protocol.constants import MAGIC, ChannelType, CommonCap, LinkError
@@ -165,27 +165,12 @@ def random_frame(rng: random.Random, channel_type: int, mini: bool) -> bytes:
     return frame(mini, type_id, body, serial=rng.randrange(1 << 64))
 
 
-class _QuietConn:
-    peer = "fuzz oracle"
-    can_send = True
-    closed = False
-
-    def abort(self, reason, level=None) -> None:
-        raise AssertionError(f"aborted: {reason}")
-
-    def send(self, message) -> None:
-        pass
-
-    def flush(self) -> None:
-        pass
-
-
 def agent_oracle():
     """The main channel's agent as the server runs it, on a core of its own: which agent
     traffic is fatal depends on what came before (chunks, transfers), so the oracle replays
     it through the real Agent rather than a second model of it."""
     core = ServerCore(Display(64, 64), None, "fuzz")
-    return Agent(core, _QuietConn(), "fuzz")
+    return Agent(core, FakeConnection("fuzz oracle"), "fuzz")
 
 
 def outcome(channel_type: int, mini: bool, data: bytes) -> tuple[bool, int, int]:
