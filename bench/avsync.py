@@ -179,6 +179,7 @@ def phase(server, x, pa, window, seconds: float, sound: bool) -> dict:
         out.update(
                    recorded_s=ear.samples / RATE, recorded_peak=ear.peak, ear_onsets=len(ear.onsets),
                    audio_latency=summary(audio), av_offset_audio_minus_video=summary(offsets),
+                   audio_latency_per_event_ms=[round(a * 1000, 1) for a in audio],
                    audio_stats=server.stats_audio() if hasattr(server, "stats_audio") else server._core.audio.stats())
     return out
 

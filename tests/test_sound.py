@@ -16,17 +16,21 @@ import spicestream
 from spicestream.audio.opus import OpusDecoder, OpusEncoder
 from spicestream.audio.output import (
     AHEAD_MS,
+    DRAIN_FORCED_MS,
+    DRAIN_OPENS_MS,
     PACKET_MS,
     STOP_AFTER_MS,
     AudioError,
     AudioOutput,
+    BufferDrain,
     PacketClock,
     Resampler,
+    is_quiet,
 )
 from spicestream.protocol.constants import AudioDataMode, PlaybackCap, RecordCap
 from spicestream.protocol.constants import ChannelType as Ch
 from spicestream.protocol.messages import CLIENT, SERVER
-from spicestream.server.audio import SETTLE_MS
+from spicestream.server.audio import CLIENT_BUFFER_MS, PLAYBACK_DELAY_MS, SETTLE_MS
 from spicestream.testing.client import TestClient
 
 import pulse
@@ -90,6 +94,22 @@ def test_packet_clock_starts_steps_bridges_gaps_and_stops():
     assert clock.due(5000, 480)[0] == "start"
 
 
+def test_buffer_drain_leaves_out_quiet_packets_once_the_client_plays_then_cuts_the_rest():
+    drain = BufferDrain(1000, 100)
+    opens = 1000 + DRAIN_OPENS_MS
+    assert not drain.leave_out(opens - PACKET_MS, True)  # the client's pipeline may not play yet
+    assert not drain.leave_out(opens, False)  # sound is kept while the drain may wait
+    kept = [drain.leave_out(opens + PACKET_MS * i, True) for i in range(1, 13)]
+    assert kept == [True] * 10 + [False] * 2 and drain.dropped == 10 and drain.left == 0
+    # No quiet packet before DRAIN_FORCED_MS: from then on the rest goes in one cut.
+    drain = BufferDrain(0, 45)
+    assert not drain.leave_out(DRAIN_FORCED_MS - PACKET_MS, False)
+    assert [drain.leave_out(DRAIN_FORCED_MS + PACKET_MS * i, False) for i in range(6)] == [True] * 4 + [False] * 2
+    assert not BufferDrain(0, 0).leave_out(DRAIN_FORCED_MS, True)
+    assert is_quiet(np.full((480, 2), 33, np.int16)) and not is_quiet(np.full((480, 2), -34, np.int16))
+    assert not is_quiet(np.full((480, 2), -32768, np.int16))
+
+
 def test_resampling_keeps_the_pitch_and_continuity():
     resampler = Resampler(44100)
     x = np.sin(2 * np.pi * 1000 * np.arange(44100) / 44100).astype(np.float32)[:, None]
@@ -127,8 +147,9 @@ def server(monkeypatch):
     srv.stop()
 
 
-def audio_client(server, opus=True, record=False, **kw) -> TestClient:
-    caps = {Ch.PLAYBACK: (PlaybackCap.VOLUME, PlaybackCap.LATENCY) + ((PlaybackCap.OPUS,) if opus else ()),
+def audio_client(server, opus=True, record=False, latency=True, **kw) -> TestClient:
+    caps = {Ch.PLAYBACK: (PlaybackCap.VOLUME,) + ((PlaybackCap.LATENCY,) if latency else ()) +
+            ((PlaybackCap.OPUS,) if opus else ()),
             Ch.RECORD: (RecordCap.VOLUME,) + ((RecordCap.OPUS,) if opus else ())}
     channels = (Ch.PLAYBACK,) + ((Ch.RECORD,) if record else ())
     return TestClient("127.0.0.1", server.port, channels=channels, channel_caps=caps, **kw)  # `with` connects
@@ -146,6 +167,7 @@ def test_playback_opus_and_raw_clients_share_one_encode_and_get_the_tone(server)
         # Packets of the client's start-up (SETTLE_MS of media time) are not sent: how many,
         # each channel counted (a producer late under load shifts media time).
         settling = {c.stats()["mode"]: c.settling for c in server._core.audio.channels}
+        drained = {AudioDataMode.OPUS if c.opus else AudioDataMode.RAW: c.drained for c in server._core.audio.channels}
         for client, mode in ((opus_client, AudioDataMode.OPUS), (raw_client, AudioDataMode.RAW)):
             kinds = [type(m) for m in client.messages if type(m).__name__.startswith("PLAYBACK")]
             first_data = kinds.index(SERVER.PLAYBACK_DATA)
@@ -157,6 +179,7 @@ def test_playback_opus_and_raw_clients_share_one_encode_and_get_the_tone(server)
             # Every 10 ms written went out, but those of the client's start-up.
             settled = settling["opus" if mode == AudioDataMode.OPUS else "raw"]
             assert 0 < settled <= SETTLE_MS // PACKET_MS
+            assert drained[mode] == 0  # a 2 s tone: never quiet, and over before DRAIN_FORCED_MS
             assert len(data) == player.written // 480 - settled
             times = [d.time for d in data]
             assert all(t != 0 for t in times) and all(b - a >= PACKET_MS for a, b in zip(times, times[1:]))
@@ -173,6 +196,54 @@ def test_playback_opus_and_raw_clients_share_one_encode_and_get_the_tone(server)
         assert stats["packets"] == player.written // 480  # encoded once for both clients
 
 
+class SoundThenSilence(Background):
+    """Writes a tone, silence, then the tone again (seconds each), in 10 ms pieces paced by
+    deadline; remembers what it wrote."""
+
+    def __init__(self, server, parts):
+        self.server, self.parts = server, parts
+        self.written: list[np.ndarray] = []
+        super().__init__()
+
+    def run(self):
+        start, n = time.monotonic(), 0
+        for level, seconds in self.parts:
+            for _ in range(int(seconds * 100)):
+                piece = tone(440.0, n, 480, level)
+                self.server.audio.write(piece)
+                self.written.append(piece)
+                n += 480
+                if self.stop.wait(max(0.0, start + n / RATE - time.monotonic())):
+                    return
+
+
+def test_a_latency_client_has_its_queue_drained_with_quiet_packets_only(server):
+    """spice-gtk (LATENCY cap) starts its pipeline with PLAYBACK_DELAY_MS queued: the server
+    leaves out that much less CLIENT_BUFFER_MS, quiet packets only, once the client plays. A
+    client without the cap gets every packet after its start-up."""
+    parts = [(0.5, 1.0), (0.0, 1.5), (0.5, 0.5)]  # media 0-1 s tone, 1-2.5 s silence, then tone
+    with audio_client(server, opus=False) as drained_client, \
+            audio_client(server, opus=False, latency=False) as whole_client:
+        with SoundThenSilence(server, parts):
+            for client in (drained_client, whole_client):
+                client.wait_for(lambda c: playback(c, SERVER.PLAYBACK_STOP), timeout=20, what="the stream's end")
+        drained = {c.latency_cap: c.drained for c in server._core.audio.channels}
+    assert [m.latency_ms for m in playback(drained_client, SERVER.PLAYBACK_LATENCY)] == [CLIENT_BUFFER_MS]
+    assert not playback(whole_client, SERVER.PLAYBACK_LATENCY)
+    start = playback(drained_client, SERVER.PLAYBACK_START)[0].time
+    assert playback(whole_client, SERVER.PLAYBACK_START)[0].time == start
+    whole = {d.time: d.data for d in playback(whole_client, SERVER.PLAYBACK_DATA)}
+    kept = {d.time for d in playback(drained_client, SERVER.PLAYBACK_DATA)}
+    left_out = sorted(set(whole) - kept)
+    assert kept <= set(whole)
+    assert len(left_out) == (PLAYBACK_DELAY_MS - CLIENT_BUFFER_MS) // PACKET_MS
+    # Each left out once the client's pipeline plays (stamps lead media time by the delay),
+    # and each one silent: what spice-gtk plays is the tone whole.
+    assert all(t - start >= DRAIN_OPENS_MS for t in left_out)
+    assert all(not any(whole[t]) for t in left_out)
+    assert drained == {True: len(left_out), False: 0}
+
+
 def test_a_stalled_client_keeps_only_the_newest_packets(server):
     with audio_client(server) as stalled, audio_client(server) as healthy:
         stalled.stall(Ch.PLAYBACK)
@@ -184,7 +255,7 @@ def test_a_stalled_client_keeps_only_the_newest_packets(server):
             assert len(channel.pending) <= channel.pending.maxlen
         port = healthy.channels[Ch.PLAYBACK].writer.get_extra_info("sockname")[1]
         healthy_channel = next(c for peer, c in channels.items() if peer.endswith(f":{port}"))
-        assert len(playback(healthy, SERVER.PLAYBACK_DATA)) == 300 - healthy_channel.settling
+        assert len(playback(healthy, SERVER.PLAYBACK_DATA)) == 300 - healthy_channel.settling - healthy_channel.drained
 
 
 def test_volume_and_mute_reach_clients_with_the_volume_cap(server):

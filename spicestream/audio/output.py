@@ -26,6 +26,9 @@ AHEAD_MS = 20  # send a packet this long before its time comes (the network's sh
 STOP_AFTER_MS = 5000  # no sound for this long: STOP (clients close their audio device), as
 # PulseAudio suspends an idle sink: a new stream costs the client's start-up (server/audio.py)
 RATES = (44100, 48000)
+QUIET_PEAK = 33  # int16 peak (-60 dBFS) of a packet that can be left out unheard
+DRAIN_OPENS_MS = 1500  # after START: the client's pipeline plays by then (0.7 s measured)
+DRAIN_FORCED_MS = 4000  # after START: no quiet packet came, the rest go in one cut
 
 
 class AudioError(ValueError):
@@ -113,6 +116,40 @@ class PacketClock:
         self.next_ms += PACKET_MS
         self.last_sound_ms = now_ms
         return stamp
+
+
+class BufferDrain:
+    """Takes a client's audio buffer down by `amount_ms`, once per stream, by leaving packets
+    out. Pure: fed with each packet's media time.
+
+    spice-gtk plays untimestamped buffers (appsrc ! queue ! ... ! pulsesink): its pipeline
+    starts with ~130 ms queued and keeps whatever it holds, since sound arrives at the rate it
+    plays. Packets left out once it plays shorten that queue for good; an underrun does not
+    refill it. Measured on a replica of its pipeline: 10 packets left out took it from 125 to
+    24 ms, 20 packets to the 7 ms floor, for as long as it ran. Left out before it plays, they
+    change nothing, so the drain opens at DRAIN_OPENS_MS. Quiet packets go first (silence
+    shortened is not heard); from DRAIN_FORCED_MS what is left goes in one cut."""
+
+    def __init__(self, start_ms: int, amount_ms: int):
+        self.start_ms = start_ms
+        self.left = max(0, amount_ms // PACKET_MS)  # packets still to leave out
+        self.dropped = 0
+
+    def leave_out(self, packet_ms: int, quiet: bool) -> bool:
+        """Whether the packet playing at media time `packet_ms` is left out."""
+        if self.left == 0:
+            return False
+        age = packet_ms - self.start_ms
+        if age < DRAIN_OPENS_MS or not (quiet or age >= DRAIN_FORCED_MS):
+            return False
+        self.left -= 1
+        self.dropped += 1
+        return True
+
+
+def is_quiet(pcm: np.ndarray) -> bool:
+    """A packet (int16) no one would miss."""
+    return int(np.abs(pcm, dtype=np.int32).max()) <= QUIET_PEAK if len(pcm) else True
 
 
 class AudioOutput:

@@ -2,17 +2,20 @@
 and record (a client's microphone to `on_audio_in`).
 
 Playback stamps are the media clock the video stamps use, plus PLAYBACK_DELAY_MS: spice-gtk
-sets its clock to a packet's time less its own audio pipeline delay (130 ms measured, with
-pulsesink), so packets stamped with the moment they will be heard keep the client's clock on
-ours and video frames neither late nor held. MODE goes before START (spice-gtk builds its
-decoder from it); STOP follows silence. A client whose socket is full keeps at most
-MAX_PENDING packets, the newest.
+sets its clock to a packet's time less its audio pipeline's reported delay (a latency query:
+130 ms with pulsesink), so packets stamped that far ahead keep the client's clock on ours and
+video frames neither late nor held. MODE goes before START (spice-gtk builds its decoder from
+it); STOP follows silence. A client whose socket is full keeps at most MAX_PENDING packets,
+the newest.
 
-spice-gtk's audio pipeline takes ~0.9 s after START to begin consuming, and whatever arrives
+spice-gtk's audio pipeline takes ~0.7 s after START to begin consuming, and whatever arrives
 before then stays queued ahead of everything after: sound sent at once was heard 817 ms after
-it was written, sound sent from 1 s after START 133 ms (bench/avsync.py). So the first
-SETTLE_MS of a stream's packets are not sent (counted as dropped "settling"), and a stream
-stays open through pauses shorter than output.STOP_AFTER_MS.
+it was written. So the first SETTLE_MS of a stream's packets are not sent (counted as
+"settling"), and a stream stays open through pauses shorter than output.STOP_AFTER_MS. The
+pipeline then starts with PLAYBACK_DELAY_MS queued and keeps it; for a client that announces
+LATENCY (spice-gtk: spice-html5 does not, and times its own buffer from the stamps) a
+`BufferDrain` leaves packets out until CLIENT_BUFFER_MS is left (counted as "drained"), and
+LATENCY says so.
 """
 
 from __future__ import annotations
@@ -25,7 +28,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..audio.opus import OpusDecoder, OpusEncoder, OpusError
-from ..audio.output import CHANNELS, PACKET_MS, PACKET_SAMPLES, RATE, AudioOutput, PacketClock
+from ..audio.output import (
+    CHANNELS,
+    PACKET_MS,
+    PACKET_SAMPLES,
+    RATE,
+    AudioOutput,
+    BufferDrain,
+    PacketClock,
+    is_quiet,
+)
 from ..protocol.constants import AUDIO_FMT_S16, AudioDataMode, PlaybackCap, RecordCap, has_cap
 from ..protocol.messages import CLIENT, SERVER
 from ..protocol.wire import ProtocolError
@@ -38,6 +50,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("spicestream.audio")
 
 PLAYBACK_DELAY_MS = 130  # spice-gtk's audio pipeline delay with pulsesink: packets' stamp lead
+CLIENT_BUFFER_MS = 30  # what a drained client keeps queued: its margin for late packets
 SETTLE_MS = 900  # packets of a new stream not sent while the client's pipeline starts
 MAX_PENDING = 20  # 200 ms of packets waiting for a client's socket
 TICK_S = 0.005
@@ -82,9 +95,10 @@ class AudioPump:
             stamp = self.clock.sent(now) + PLAYBACK_DELAY_MS
             opus = self._encode(pcm) if any(c.opus for c in self.channels) else None
             raw = pcm.tobytes()
+            quiet = is_quiet(pcm)
             self.packets += 1
             for channel in list(self.channels):
-                channel.send_packet(stamp, opus, raw)
+                channel.send_packet(stamp, opus, raw, quiet)
         if event == "stop":
             for channel in list(self.channels):
                 channel.stop_stream()
@@ -115,6 +129,8 @@ class PlaybackChannel(ChannelHandler):
         self.dropped = 0
         self.settling = 0  # packets not sent while the client's pipeline started
         self.settle_until = 0
+        self.drain: BufferDrain | None = None
+        self.drained = 0  # packets left out to shorten the client's queue
         self.sent = 0
         self.last_stamp = 0
         pump = self.core.audio
@@ -138,16 +154,21 @@ class PlaybackChannel(ChannelHandler):
         self.conn.send(SERVER.PLAYBACK_MODE(time, mode, b""))
         self.conn.send(SERVER.PLAYBACK_START(CHANNELS, AUDIO_FMT_S16, RATE, time))
         if self.latency_cap:
-            self.conn.send(SERVER.PLAYBACK_LATENCY(PLAYBACK_DELAY_MS))
+            self.conn.send(SERVER.PLAYBACK_LATENCY(CLIENT_BUFFER_MS))
+            self.drain = BufferDrain(now_ms, PLAYBACK_DELAY_MS - CLIENT_BUFFER_MS)
         self.streaming = True
         self.settle_until = now_ms + SETTLE_MS
         self.conn.flush()
 
-    def send_packet(self, stamp_ms: int, opus: bytes | None, raw: bytes) -> None:
+    def send_packet(self, stamp_ms: int, opus: bytes | None, raw: bytes, quiet: bool = False) -> None:
         if not self.streaming:
             return
-        if stamp_ms - PLAYBACK_DELAY_MS < self.settle_until:
+        media_ms = stamp_ms - PLAYBACK_DELAY_MS
+        if media_ms < self.settle_until:
             self.settling += 1
+            return
+        if self.drain is not None and self.drain.leave_out(media_ms, quiet):
+            self.drained += 1
             return
         data = opus if self.opus else raw
         if len(self.pending) == self.pending.maxlen:
@@ -174,7 +195,7 @@ class PlaybackChannel(ChannelHandler):
 
     def stats(self) -> dict:
         return {"mode": "opus" if self.opus else "raw", "sent": self.sent, "dropped": self.dropped,
-                "settling": self.settling}
+                "settling": self.settling, "drained": self.drained}
 
 
 class RecordChannel(ChannelHandler):
