@@ -11,7 +11,8 @@ the newest.
 spice-gtk's audio pipeline takes ~0.7 s after START to begin consuming, and whatever arrives
 before then stays queued ahead of everything after: sound sent at once was heard 817 ms after
 it was written. So the first SETTLE_MS of a stream's packets are not sent (counted as
-"settling"), and a stream stays open through pauses shorter than output.STOP_AFTER_MS. The
+"settling"; with 0.9 s, packets still raced the pipeline's start: 2 of 4 runs began 30 ms
+fuller), and a stream stays open through pauses shorter than output.STOP_AFTER_MS. The
 pipeline then starts with PLAYBACK_DELAY_MS queued and keeps it; for a client that announces
 LATENCY (spice-gtk: spice-html5 does not, and times its own buffer from the stamps) a
 `BufferDrain` leaves packets out until CLIENT_BUFFER_MS is left (counted as "drained"), and
@@ -51,7 +52,7 @@ log = logging.getLogger("spicestream.audio")
 
 PLAYBACK_DELAY_MS = 130  # spice-gtk's audio pipeline delay with pulsesink: packets' stamp lead
 CLIENT_BUFFER_MS = 30  # what a drained client keeps queued: its margin for late packets
-SETTLE_MS = 900  # packets of a new stream not sent while the client's pipeline starts
+SETTLE_MS = 1200  # packets of a new stream not sent while the client's pipeline starts
 MAX_PENDING = 20  # 200 ms of packets waiting for a client's socket
 TICK_S = 0.005
 

@@ -31,13 +31,9 @@ class PulseError(RuntimeError):
 class PulseBridge:
     def __init__(self, server, source: str | None = None, pulse_server: str | None = None,
                  microphone: bool = True):
-        import gi
+        from ..gstreamer import load
 
-        gi.require_version("Gst", "1.0")
-        gi.require_version("GstApp", "1.0")
-        from gi.repository import Gst
-
-        Gst.init(None)
+        Gst, _ = load("Gst", "GstApp")
         self.Gst = Gst
         self.server = server
         self.pulse_server = pulse_server or os.environ.get("PULSE_SERVER")
@@ -47,7 +43,7 @@ class PulseBridge:
         self._lock = threading.Lock()
         server_prop = f' server="{self.pulse_server}"' if self.pulse_server else ""
         self.capture = Gst.parse_launch(
-            f'pulsesrc name=src device="{self.source}"{server_prop} buffer-time=20000 latency-time=10000 '
+            f'pulsesrc name=src device="{self.source}"{server_prop} buffer-time=200000 latency-time=10000 '
             "! audio/x-raw,format=S16LE,rate=48000,channels=2,layout=interleaved "
             "! appsink name=sink emit-signals=true sync=false max-buffers=8 drop=true")
         self.capture.get_by_name("sink").connect("new-sample", self._sample)

@@ -11,12 +11,9 @@ import numpy as np
 from ..video.codec import Codec
 
 try:
-    import gi
+    from ..gstreamer import load
 
-    gi.require_version("Gst", "1.0")
-    from gi.repository import Gst
-
-    Gst.init(None)
+    (Gst,) = load("Gst")
 except (ImportError, ValueError):
     Gst = None
 

@@ -30,14 +30,9 @@ log = logging.getLogger("spicestream.video")
 CONVERT_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 try:
-    import gi
+    from ..gstreamer import load
 
-    gi.require_version("Gst", "1.0")
-    gi.require_version("GstVideo", "1.0")
-    gi.require_version("GstAllocators", "1.0")
-    from gi.repository import GLib, Gst, GstAllocators, GstVideo
-
-    Gst.init(None)
+    GLib, Gst, GstAllocators, GstVideo = load("GLib", "Gst", "GstAllocators", "GstVideo")
 except (ImportError, ValueError) as _exc:  # no GStreamer: the built-in MJPEG still works
     GLib = Gst = GstAllocators = GstVideo = None
     IMPORT_ERROR = str(_exc)

@@ -27,12 +27,9 @@ from typing import Callable
 
 import numpy as np
 
-import gi
+from ..gstreamer import load
 
-gi.require_version("Gst", "1.0")
-gi.require_version("GstApp", "1.0")
-gi.require_version("GstVideo", "1.0")
-from gi.repository import Gst, GstApp, GstVideo  # noqa: E402
+Gst, GstApp, GstVideo = load("Gst", "GstApp", "GstVideo")
 
 __all__ = ["push_frame", "WrapStats", "PushError", "gobject_pointer"]
 
