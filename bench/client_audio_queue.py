@@ -15,16 +15,15 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from avsync import EarWatch  # noqa: E402  (dates each click in the monitor's recording)
 
 RATE, PIECE = 48000, 480
 CAPS = 'audio/x-raw,format="S16LE",channels=2,rate=48000,layout=interleaved'
@@ -33,32 +32,11 @@ PIPELINE = (f'appsrc is-live=1 do-timestamp=0 format=time caps="{CAPS}" name=app
 START_S = 2.0  # the pipeline plays before the first piece (the server's settling)
 
 
-class Ear(threading.Thread):
-    """Dates each click's first loud sample in the monitor's recording (5 ms blocks)."""
-
-    def __init__(self, pa):
-        super().__init__(daemon=True)
-        self.proc = subprocess.Popen(["parec", "-d", f"{pa.sink}.monitor", "--format=s16le", "--rate=48000",
-                                      "--channels=2", "--raw", "--latency-msec=5"],
-                                     stdout=subprocess.PIPE, env=pa.client_env())
-        self.onsets: list[float] = []
-
-    def run(self):
-        loud_until = 0.0
-        while data := self.proc.stdout.read(240 * 4):
-            t = time.monotonic()
-            x = np.frombuffer(data, "<i2")[0::2] / 32768
-            hits = np.flatnonzero(np.abs(x) > 0.3)
-            if len(hits) and t > loud_until:
-                self.onsets.append(t - (len(x) - hits[0]) / RATE)
-                loud_until = t + 0.3
-
-
 def case(Gst, pa, pieces: int, left_out: range) -> dict:
     pipe = Gst.parse_launch(PIPELINE)
     src = pipe.get_by_name("appsrc")
     pipe.set_state(Gst.State.PLAYING)
-    ear = Ear(pa)
+    ear = EarWatch(pa)
     ear.start()
     click = (np.sin(2 * np.pi * 2000 * np.arange(PIECE) / RATE) * 0.8 * 32767).astype(np.int16)
     click, silence = np.repeat(click[:, None], 2, 1).tobytes(), bytes(PIECE * 4)
@@ -75,7 +53,7 @@ def case(Gst, pa, pieces: int, left_out: range) -> dict:
     query = Gst.Query.new_latency()
     reported = query.parse_latency()[1] / 1e6 if pipe.query(query) else None
     pipe.set_state(Gst.State.NULL)
-    ear.proc.terminate()
+    ear.close()
     ear.join(5)
     heard = []
     for n, t in events:
