@@ -30,7 +30,12 @@ Server CPU: utime+stime (+ cutime+cstime, reaped children) from /proc/PID/stat, 
 `--seconds` window: (a) the spicestream process + the served Xvfb; (b) the Xorg process of
 Xspice (its spice-server runs inside it). `cpu_ratio_spicestream_over_xspice` = (a)/(b) per
 codec. The client side (remote-viewer, its Xvfb, the capturer, the drawing client) is reported
-separately in `client_cpu_s`. `server_tcp_bytes_per_s`: bytes the server sent on its SPICE
+separately in `client_cpu_s`. `server_threads`: the same window per thread of each server
+process (CPU, CPU ms and voluntary context switches per frame drawn): spicestream's own threads
+are named ss-server (the asyncio loop), ss-mjpeg; "(main)" is its X capture loop; GStreamer's
+carry their element names (src:src: appsrc's thread, converting and, for small frames,
+encoding; queueN:src: the encoder behind a queue); Xspice's are Xorg's main thread (drawing),
+"SPICE Worker" and GStreamer's. `server_tcp_bytes_per_s`: bytes the server sent on its SPICE
 connections over the window (`ss -ti` bytes_sent, all channels), i.e. the bit rate.
 
 Reading the numbers: Xspice's ~410 ms is almost all by design, not work: spice-server stamps
@@ -151,6 +156,45 @@ def cpu_seconds(pid: int | None, children: bool = True) -> float | None:
     if children:
         ticks += int(fields[13]) + int(fields[14])  # cutime, cstime
     return ticks / CLK_TCK
+
+
+def thread_cpu(pid: int | None) -> dict[tuple[int, str], tuple[float, int]]:
+    """Per thread of a process: (tid, name) -> (utime+stime in s, voluntary context switches).
+    The main thread is named "(main)" (spicestream's X capture loop runs there)."""
+    out: dict[tuple[int, str], tuple[float, int]] = {}
+    if pid is None:
+        return out
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                switches = next(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt"))
+        except (OSError, StopIteration):  # the thread ended meanwhile
+            continue
+        name = "(main)" if int(tid) == pid else stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat.rsplit(")", 1)[1].split()
+        out[(int(tid), name)] = ((int(fields[11]) + int(fields[12])) / CLK_TCK, switches)
+    return out
+
+
+def thread_cpu_delta(before: dict, after: dict, frames: int) -> dict:
+    """Threads that ran in the window, by name (same-named threads summed): CPU s, and CPU ms
+    and voluntary context switches (sleeps: each one a wake-up to pay for) per frame drawn."""
+    grouped: dict[str, list[float]] = {}
+    for key, (cpu, switches) in after.items():
+        cpu0, switches0 = before.get(key, (0.0, 0))
+        entry = grouped.setdefault(key[1], [0.0, 0])
+        entry[0] += cpu - cpu0
+        entry[1] += switches - switches0
+    rows = {name: {"cpu_s": round(cpu, 2), "cpu_ms_per_frame": round(cpu * 1000 / max(1, frames), 2),
+                   "wakes_per_frame": round(switches / max(1, frames), 1)}
+            for name, (cpu, switches) in grouped.items() if cpu >= 0.01 or switches >= frames}
+    return dict(sorted(rows.items(), key=lambda kv: -kv[1]["cpu_s"]))
 
 
 def tcp_bytes_sent(port: int) -> int | None:
@@ -492,12 +536,14 @@ def run_case(side: str, codec: str, screen: tuple[int, int], fps: int, seconds: 
                            "capturer": capturer.proc.pid, "drawing_client": drawer.proc.pid}
             t0 = time.monotonic()
             cpu_a = {k: cpu_seconds(p) for k, p in {**server_pids, **client_pids}.items()}
+            threads_a = {k: thread_cpu(p) for k, p in server_pids.items()}
             w_a = tcp_bytes_sent(served.port)
             busy_a = machine_busy()
             capturer.go(t0 + seconds + 1.0)
             time.sleep(max(0.0, t0 + seconds - time.monotonic()))
             t1 = time.monotonic()
             cpu_b = {k: cpu_seconds(p) for k, p in {**server_pids, **client_pids}.items()}
+            threads_b = {k: thread_cpu(p) for k, p in server_pids.items()}
             w_b = tcp_bytes_sent(served.port)
             busy_b = machine_busy()
             libs = loaded_libraries(viewer.pid)
@@ -511,6 +557,7 @@ def run_case(side: str, codec: str, screen: tuple[int, int], fps: int, seconds: 
             if part is not None:
                 part.close()
     elapsed = t1 - t0
+    drawn_in_window = sum(1 for t in drawn["times"] if t0 <= t < t1)  # what the CPU window paid for
     used = {k: round(cpu_b[k] - cpu_a[k], 2) for k in cpu_a if cpu_a[k] is not None and cpu_b[k] is not None}
     server_cpu = round(sum(used[k] for k in server_pids if k in used), 2)
     row = {"side": side, "codec": codec, "video_codecs": CODECS[codec], "seconds": round(elapsed, 2),
@@ -519,6 +566,8 @@ def run_case(side: str, codec: str, screen: tuple[int, int], fps: int, seconds: 
         "server_cpu_s": server_cpu,
         "server_cpu_share": round(server_cpu / elapsed, 3),
         "server_cpu_by_process_s": {k: used.get(k) for k in server_pids},
+        "server_threads": {k: thread_cpu_delta(threads_a[k], threads_b[k], drawn_in_window)
+                           for k in server_pids},
         "client_cpu_s": {k: used.get(k) for k in client_pids},
         "machine_busy_share": round((busy_b[0] - busy_a[0]) / max(1, busy_b[1] - busy_a[1]), 3),
         "server_tcp_bytes_per_s": round((w_b - w_a) / elapsed) if w_a is not None and w_b is not None else None,

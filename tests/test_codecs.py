@@ -187,3 +187,32 @@ def test_a_flipping_encoder_turns_the_picture_over(entry):
         finally:
             decoder.close()
         assert abs(int(picture[10, 10, 0]) - top) < 20 and abs(int(picture[230, 10, 0]) - bottom) < 20
+
+
+def test_small_frames_are_converted_and_encoded_on_one_thread():
+    """Below SMALL_FRAME_PIXELS the hand-offs cost more CPU than the overlap saves
+    (bench/encode_cpu.py); large frames keep the split conversion and the queue."""
+    from spicestream.video import gst_encoder
+    from spicestream.video.elements import BY_NAME, SMALL_FRAME_PIXELS
+
+    spec = BY_NAME["x264enc"]
+    small = gst_encoder.pipeline_description(spec, 640, 360, 30)
+    assert 640 * 360 <= SMALL_FRAME_PIXELS
+    assert "videoconvert n-threads=1 " in small and "queue" not in small
+    assert "threads=1 sliced-threads=false" in small
+    large = gst_encoder.pipeline_description(spec, 1920, 1080, 60)
+    assert f"videoconvert n-threads={gst_encoder.CONVERT_THREADS} " in large
+    assert "! queue max-size-buffers=2 " in large
+    assert "threads=1 sliced-threads=false" not in large
+    if gst_encoder.element_exists("x264enc"):  # both layouts really run
+        import numpy as np
+
+        from spicestream.video.encoder import encode_sync
+
+        for width, height in ((640, 360), (1280, 720)):
+            encoder = gst_encoder.GstEncoder(spec, width, height, 2_000_000, lambda f: None, print)
+            try:
+                frame = np.zeros((height, width, 4), np.uint8)
+                assert encode_sync(encoder, frame, 1).key
+            finally:
+                encoder.close()

@@ -34,6 +34,7 @@ from .filexfer import FileTransferConfig
 from .cursor import cursor_bytes
 from .security import is_loopback, parse_secure_channels, tls_context
 from .web import WebRoot, normalise_origin
+from ..threadname import name_this_thread
 
 log = logging.getLogger("spicestream.server")
 TICK_S = 0.05  # draw completions are promised within 1 s; this keeps them well inside
@@ -465,6 +466,7 @@ class Server:
         return self
 
     def _run_thread(self) -> None:
+        name_this_thread("ss-server")
         try:
             asyncio.run(self.serve())
         except BaseException as exc:  # reported to start()'s caller

@@ -20,6 +20,8 @@ import struct
 import threading
 import time
 
+from ..threadname import name_this_thread
+
 log = logging.getLogger("spicestream.x11clip")
 
 TEXT_TARGETS = ("UTF8_STRING", "text/plain;charset=utf-8", "STRING", "TEXT")
@@ -104,6 +106,7 @@ class X11ClipboardBridge:
 
     # -- the bridge's thread --------------------------------------------------------------------
     def _run(self) -> None:
+        name_this_thread("ss-x11clip")
         fd = self.conn.get_file_descriptor()
         try:
             while not self._stop.is_set():

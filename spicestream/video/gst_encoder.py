@@ -3,8 +3,10 @@
 Frames go in without a copy (gstbuffer.push_frame wraps the application's memory, strided
 regions included). Conversion and encoding run on different GStreamer threads (the queue
 between them), so at 2 frames in flight a 2-core machine converts one frame while it encodes
-the previous one. Output buffers come back in input order on the appsink's streaming thread
-and are matched to their input by order (encoders shift PTS, see gstreamer-python.md).
+the previous one. Small frames (at most SMALL_FRAME_PIXELS) are converted on one thread and
+encoded on that same thread: there the hand-offs cost more than the overlap saves. Output
+buffers come back in input order on the appsink's streaming thread and are matched to their
+input by order (encoders shift PTS, see gstreamer-python.md).
 
 A pipeline error is reported through `on_error`; the caller decides to rebuild or fall back.
 """
@@ -67,14 +69,21 @@ def pipeline_description(spec: ElementSpec, width: int, height: int, fps: int,
     # until the next one arrives (one frame of latency), and rate control needs the rate.
     caps_out = f" ! {spec.output_caps}" if spec.output_caps else ""
     # A property given twice takes its last value.
-    small = f" {spec.small_frame_properties}" if width * height <= SMALL_FRAME_PIXELS else ""
+    is_small = width * height <= SMALL_FRAME_PIXELS
+    small = f" {spec.small_frame_properties}" if is_small else ""
+    # A small frame converts in well under a millisecond: splitting that across threads, and
+    # handing the result to another thread to encode, costs more CPU than it saves time
+    # (640x360 at 30 fps: 2.92 instead of 3.16 ms of CPU per frame, lower in 7 of 8
+    # alternated runs: bench/encode_cpu.py --repeat 8).
+    threads, queue = (1, "") if is_small else (
+        CONVERT_THREADS, "! queue max-size-buffers=2 max-size-bytes=0 max-size-time=0 ")
     # (videoflip's older `method` property is accepted and ignored here: video-direction.)
     return (
         f"appsrc name=src is-live=true format=time do-timestamp=false block=false "
         f"caps=video/x-raw,format={pixel_format},width={width},height={height},framerate={fps}/1 "
         f"{'! videoflip video-direction=vert ' if flip else ''}"
-        f"! videoconvert n-threads={CONVERT_THREADS} ! video/x-raw,format={spec.input_format} "
-        f"! queue max-size-buffers=2 max-size-bytes=0 max-size-time=0 "
+        f"! videoconvert n-threads={threads} ! video/x-raw,format={spec.input_format} "
+        f"{queue}"
         f"! {spec.element} name=enc {spec.properties}{small}{caps_out} "
         f"! appsink name=sink emit-signals=true sync=false max-buffers=8 drop=false"
     )

@@ -16,6 +16,7 @@ import numpy as np
 
 from .codec import Codec
 from .encoder import EncodedFrame, VideoEncoder
+from ..threadname import name_this_thread
 
 try:
     import simplejpeg
@@ -60,6 +61,7 @@ class MjpegEncoder(VideoEncoder):
         self._jobs.put((frame, timestamp_ms, started))
 
     def _run(self) -> None:
+        name_this_thread("ss-mjpeg")
         while (job := self._jobs.get()) is not None:
             frame, timestamp_ms, started = job
             scanout = frame if hasattr(frame, "drm_fourcc") else None

@@ -1,0 +1,151 @@
+"""CPU per frame of the GStreamer encoder path at a steady frame rate, by thread; prints JSON.
+
+    .venv/bin/python bench/encode_cpu.py [--element x264enc] [--size 640x360] [--fps 30]
+                                         [--frames 450] [--repeat 8]
+
+What the server pays per frame for `GstEncoder` alone (push into appsrc, colour conversion,
+encoding, the appsink callback), without capture or network: bench/glass.py's content (moving
+texture and frame-number strip, 60 distinct frames), fed at `--fps` paced by deadline, bit rate
+fixed at 3 Mbit/s. CPU is read per thread from /proc/self/task over the paced window
+(GStreamer's threads carry their element names: src:src converts, and encodes too where there
+is no queue; queueN:src encodes behind a queue; pool-python is a second conversion thread).
+
+Two layouts of the same pipeline, alternated `--repeat` times (single runs here differ by up to
+~15 %: compare over 8 or more):
+  `current`: what gst_encoder.pipeline_description builds for this size;
+  `split`:   conversion on CONVERT_THREADS threads and a queue before the encoder (the layout
+             large frames get).
+Hand-offs are what differ: on this 2-core VM putting a thread to sleep and waking it is dear
+(a Python loop of time.sleep(0.005) uses ~0.1 ms of CPU per turn), so a layout with fewer
+threads per frame is cheaper for the same conversion and encoding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import glass  # noqa: E402
+from spicestream.video import gst_encoder  # noqa: E402
+from spicestream.video.elements import BY_NAME  # noqa: E402
+
+BIT_RATE = 3_000_000
+
+
+def frames(width: int, height: int, count: int = 60) -> list:
+    bases = glass.base_frames(width, height)
+    out = []
+    for k in range(count):
+        f = bases[k % len(bases)].copy()
+        for x0, y0 in glass.strip_origins(width, height):
+            glass.paint_code(f, k, x0, y0)
+        out.append(f)
+    return out
+
+
+def thread_cpu_ms() -> dict[tuple[str, str], int]:
+    tick_ms = 1000 / os.sysconf("SC_CLK_TCK")
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            stat = open(f"/proc/self/task/{tid}/stat").read()
+        except OSError:  # the thread ended meanwhile
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        out[(tid, name)] = round((int(fields[11]) + int(fields[12])) * tick_ms)
+    return out
+
+
+def split_layout(description: str) -> str:
+    """The large-frame layout of a small-frame pipeline description."""
+    one = "videoconvert n-threads=1 ! "
+    if one not in description:
+        return description  # already split
+    head, tail = description.split(one, 1)
+    caps, rest = tail.split(" ! ", 1)
+    return (f"{head}videoconvert n-threads={gst_encoder.CONVERT_THREADS} ! {caps} "
+            f"! queue max-size-buffers=2 max-size-bytes=0 max-size-time=0 ! {rest}")
+
+
+def run(layout: str, element: str, width: int, height: int, fps: int, count: int, pictures) -> dict:
+    original = gst_encoder.pipeline_description
+
+    def describe(*args, **kwargs):
+        text = original(*args, **kwargs)
+        return split_layout(text) if layout == "split" else text
+
+    gst_encoder.pipeline_description = describe
+    done = threading.Semaphore(0)
+    sizes: list[int] = []
+    errors: list[str] = []
+    try:
+        encoder = gst_encoder.GstEncoder(BY_NAME[element], width, height, BIT_RATE,
+                                         lambda f: (sizes.append(len(f.data)), done.release()),
+                                         errors.append, fps=fps)
+    finally:
+        gst_encoder.pipeline_description = original
+    try:
+        for k in range(10):  # the pipeline's start-up is not what is measured
+            encoder.encode(pictures[k % len(pictures)], k)
+            done.acquire(timeout=10)
+        sizes.clear()
+        before, cpu0, t0 = thread_cpu_ms(), time.process_time(), time.monotonic()
+        refused = 0
+        for k in range(count):
+            time.sleep(max(0.0, t0 + k / fps - time.monotonic()))
+            if not encoder.encode(pictures[k % len(pictures)], 100 + k):
+                refused += 1
+        deadline = time.monotonic() + 5
+        while len(sizes) < count - refused and time.monotonic() < deadline:
+            time.sleep(0.01)
+        cpu1, after = time.process_time(), thread_cpu_ms()
+    finally:
+        encoder.close()
+    per_thread: dict[str, float] = {}
+    for key, ms in after.items():
+        name = "appsrc thread (converts; encodes too without a queue)" if key[1] == "src:src" else (
+            "queue thread (encodes)" if key[1].startswith("queue") else key[1])
+        per_thread[name] = per_thread.get(name, 0) + ms - before.get(key, 0)
+    return {"layout": layout, "cpu_ms_per_frame": round((cpu1 - cpu0) * 1000 / count, 3),
+            "threads_ms_per_frame": {k: round(v / count, 2) for k, v in sorted(per_thread.items()) if v},
+            "frames": count, "refused": refused, "encoded": len(sizes),
+            "kbytes_per_frame": round(sum(sizes) / 1000 / max(1, len(sizes)), 1), "errors": errors[:3]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--element", default="x264enc")
+    parser.add_argument("--size", default="640x360")
+    parser.add_argument("--fps", type=int, default=30)
+    parser.add_argument("--frames", type=int, default=450)
+    parser.add_argument("--repeat", type=int, default=8)
+    args = parser.parse_args()
+    width, height = (int(v) for v in args.size.split("x"))
+    if not gst_encoder.element_exists(args.element):
+        sys.exit(f"{args.element} is not installed")
+    pictures = frames(width, height)
+    runs = [run(layout, args.element, width, height, args.fps, args.frames, pictures)
+            for _ in range(args.repeat) for layout in ("current", "split")]
+    summary = {}
+    for layout in ("current", "split"):
+        values = [r["cpu_ms_per_frame"] for r in runs if r["layout"] == layout]
+        summary[layout] = {"mean_cpu_ms_per_frame": round(sum(values) / len(values), 3),
+                           "min": min(values), "max": max(values)}
+    summary["current_over_split"] = round(summary["current"]["mean_cpu_ms_per_frame"]
+                                          / summary["split"]["mean_cpu_ms_per_frame"], 3)
+    print(json.dumps({"element": args.element, "size": args.size, "fps": args.fps,
+                      "bit_rate": BIT_RATE, "cores": os.cpu_count(), "summary": summary,
+                      "runs": runs}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
