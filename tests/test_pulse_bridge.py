@@ -50,6 +50,18 @@ def test_desktop_sound_reaches_clients_and_microphones_reach_the_desktop(tmp_pat
                 pcm = np.concatenate([decoder.decode(m.data) for m in list(client.messages)
                                       if type(m) is SERVER.PLAYBACK_DATA][-100:])
                 assert abs(peak_hz(pcm[:, 0] / 32768.0) - 440) < 5
+                # A stall of the server's loop (0.5 s): the desktop's sound that piles up is
+                # dropped down to a few packets, not sent late for as long as the stream runs.
+                from spicestream.audio.output import LIVE_MAX_QUEUED_MS
+
+                late_before = server.audio.stats()["late_samples"]
+                server._loop.call_soon_threadsafe(time.sleep, 0.5)
+                most = 0
+                for _ in range(50):
+                    most = max(most, server.audio.queued)
+                    time.sleep(0.01)
+                assert most <= LIVE_MAX_QUEUED_MS * RATE // 1000
+                assert server.audio.stats()["late_samples"] > late_before
                 # A client's microphone: an 880 Hz tone recorded from the desktop's new source.
                 client.wait_for(lambda c: any(type(m) is SERVER.RECORD_START for m in c.messages), what="record start")
                 recording = tmp_path / "mic.raw"

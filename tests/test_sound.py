@@ -136,6 +136,26 @@ def test_write_converts_and_bounds_what_it_queues():
     assert output.queued <= RATE and output.dropped_samples >= 2 * RATE - 1000
 
 
+def test_a_live_source_keeps_only_its_newest_packets_queued():
+    """A capture that stalled and then delivers its backlog at once: the oldest is dropped, so
+    the stall does not stay as latency; an application's file, written ahead, is all kept."""
+    from spicestream.audio.output import LIVE_MAX_QUEUED_MS
+
+    bound = LIVE_MAX_QUEUED_MS * RATE // 1000
+    live = AudioOutput()
+    ramp = np.arange(30 * 480, dtype=np.int16)  # 300 ms whose every sample is its own index
+    for i in range(30):
+        live.write(ramp[i * 480 : (i + 1) * 480], live=True)
+        assert live.queued <= bound
+    assert live.queued == bound and live.late_samples == len(ramp) - bound == live.dropped_samples
+    newest = np.concatenate([live.take()[:, 0] for _ in range(bound // 480)])
+    assert (newest == ramp[-bound:]).all()  # what stays is the end of the burst, in order
+    ahead = AudioOutput()
+    ahead.write(ramp)  # a player writing 300 ms ahead of time
+    assert ahead.queued == len(ramp) and ahead.late_samples == ahead.dropped_samples == 0
+    assert ahead.stats()["late_samples"] == 0 and live.stats()["late_samples"] == len(ramp) - bound
+
+
 # -- the channels, with the headless client --------------------------------------------------------
 @pytest.fixture
 def server(monkeypatch):

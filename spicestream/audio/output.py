@@ -3,7 +3,8 @@ media clock the video stamps use.
 
 `AudioOutput.write` takes int16 or float32 samples, interleaved or (n, channels), mono or
 stereo, at 44.1 or 48 kHz, from any thread; they become 48 kHz stereo int16 in a queue
-bounded at MAX_QUEUED_S (the oldest go first when a producer runs ahead). `PacketClock`
+bounded at MAX_QUEUED_S (the oldest go first when a producer runs ahead; a live source's at
+LIVE_MAX_QUEUED_MS, so a stall does not turn into lasting latency). `PacketClock`
 (pure: fed with `now_ms`) cuts the queue into 10 ms packets at real-time pace: it starts a
 stream when sound arrives, stamps packets 10 ms apart (never backwards, a gap after an
 underrun), and ends the stream after STOP_AFTER_MS of silence, so idle costs nothing. One
@@ -22,6 +23,11 @@ CHANNELS = 2
 PACKET_SAMPLES = 480  # 10 ms at 48 kHz: what spice-gtk and spice-html5 decode
 PACKET_MS = 10
 MAX_QUEUED_S = 1.0
+# A live source (the desktop's sound, PulseBridge) writes in real time, so what it has queued
+# beyond a few packets is lateness: a stall (the GIL, a busy core) that it then delivered in
+# one burst. The pump sends at real-time pace, so a backlog would stay as latency for as long
+# as the stream runs; a live write keeps at most this much and drops the oldest.
+LIVE_MAX_QUEUED_MS = 40
 AHEAD_MS = 20  # send a packet this long before its time comes (the network's share)
 STOP_AFTER_MS = 5000  # no sound for this long: STOP (clients close their audio device), as
 # PulseAudio suspends an idle sink: a new stream costs the client's start-up (server/audio.py)
@@ -165,12 +171,15 @@ class AudioOutput:
         self.volume = 1.0
         self.muted = False
         self.on_volume = lambda: None  # the server's: tell clients
-        self.dropped_samples = 0
+        self.dropped_samples = 0  # all dropped: the producer ran ahead, or a live one was late
+        self.late_samples = 0  # of those, a live source's backlog after a stall
         self.written_samples = 0
 
-    def write(self, samples, rate: int = RATE, channels: int | None = None) -> None:
+    def write(self, samples, rate: int = RATE, channels: int | None = None, *, live: bool = False) -> None:
         """Queue samples to play: int16 or float32; interleaved 1-D (give `channels`, default
-        mono) or (n, channels); `rate` 44100 or 48000. Any thread."""
+        mono) or (n, channels); `rate` 44100 or 48000. Any thread. `live`: the samples come
+        from a source that produces in real time (a capture): only the newest
+        LIVE_MAX_QUEUED_MS are kept queued, so sound that arrives late is dropped, not delayed."""
         if rate not in RATES:
             raise AudioError(f"rate {rate}: one of {', '.join(map(str, RATES))}")
         a = to_stereo(samples, channels)
@@ -184,6 +193,11 @@ class AudioOutput:
             self._queued += len(a)
             self.written_samples += len(a)
             excess = self._queued - int(MAX_QUEUED_S * RATE)
+            if live:
+                late = self._queued - LIVE_MAX_QUEUED_MS * RATE // 1000
+                if late > max(0, excess):
+                    self.late_samples += late - max(0, excess)
+                    excess = late
             if excess > 0:
                 self._drop(excess)
         self.wake()
@@ -233,4 +247,4 @@ class AudioOutput:
 
     def stats(self) -> dict:
         return {"written_samples": self.written_samples, "dropped_samples": self.dropped_samples,
-                "queued_samples": self.queued}
+                "late_samples": self.late_samples, "queued_samples": self.queued}

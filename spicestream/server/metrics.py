@@ -70,8 +70,11 @@ class StatsCollector:
         yield CounterMetricFamily("spicestream_audio_packets", "10 ms sound packets encoded (once for all).",
                                   value=audio["packets"])
         yield CounterMetricFamily("spicestream_audio_dropped_samples",
-                                  "Samples dropped because the application wrote too far ahead.",
+                                  "Samples dropped: written over 1 s ahead, or a live source's late backlog.",
                                   value=audio["dropped_samples"])
+        yield CounterMetricFamily("spicestream_audio_late_samples",
+                                  "Samples a live source (the desktop's sound) delivered late, dropped.",
+                                  value=audio["late_samples"])
         yield from self._clients(stats["clients"])
 
     def _clients(self, clients):

@@ -2,8 +2,9 @@
 
 `PulseBridge(server, source)`:
   - playback: `pulsesrc` records SOURCE (default: the monitor of the default sink, i.e. what
-    the desktop's applications play) in 10 ms buffers and writes them to `server.audio`;
-    digital silence is not written, so a quiet desktop lets the stream stop and costs nothing;
+    the desktop's applications play) in 10 ms buffers and writes them to `server.audio` as a
+    live source (what a stall delays is dropped, not played late); digital silence is not
+    written, so a quiet desktop lets the stream stop and costs nothing;
   - microphone: a null sink named MIC_SINK is loaded (pactl); its monitor is the source the
     desktop's applications record from ("SPICE client microphone"), and what clients record
     (`server.on_audio_in`) is played into it through `appsrc ! pulsesink`. Unloaded on close.
@@ -68,7 +69,8 @@ class PulseBridge:
             buffer.unmap(info)
         self.captured += 1
         if len(pcm) and np.abs(pcm).max() > SILENCE:
-            self.server.audio.write(pcm, 48000)
+            # live: after a stall the burst is dropped down to a few packets, not played late
+            self.server.audio.write(pcm, 48000, live=True)
         else:
             self.silent += 1
         return self.Gst.FlowReturn.OK
