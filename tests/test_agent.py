@@ -276,6 +276,38 @@ def test_file_transfer_lands_whole_under_a_unique_sanitised_name(server, tmp_pat
     assert sorted(os.listdir(tmp_path)) == ["notes (1).txt", "notes.txt"]
 
 
+def test_a_file_is_synced_to_disk_off_the_servers_loop(server, tmp_path, monkeypatch):
+    """fsync of a large file on a slow disk takes seconds: it must not freeze the server (every
+    client's picture and sound) meanwhile. Here fsync blocks until the test lets it go; the
+    server answers another transfer while it waits, and the file lands once it returns."""
+    import threading
+
+    from spicestream.server import filexfer
+
+    syncing, release = threading.Event(), threading.Event()
+    real_fsync = filexfer.os.fsync
+
+    def slow_fsync(fd):
+        syncing.set()
+        release.wait(10)
+        real_fsync(fd)
+
+    monkeypatch.setattr(filexfer.os, "fsync", slow_fsync)
+    got = calls(server, "on_file")
+    with agent_client(server) as client:
+        send_file(client, 1, "slow.bin", b"s" * 5000)
+        assert syncing.wait(5)
+        # The loop is free: a second transfer is answered while the first is being synced.
+        assert send_file(client, 2, "next.bin", b"", size=10).result == XferStatus.CAN_SEND_DATA
+        assert not [s for s in client.agent_received(AgentMsg.FILE_XFER_STATUS)
+                    if s.id == 1 and s.result != XferStatus.CAN_SEND_DATA]  # not before it is kept
+        assert not os.path.exists(tmp_path / "slow.bin")
+        release.set()
+        assert final_status(client, 1).result == XferStatus.SUCCESS
+        assert got.get(timeout=5) == ("slow.bin", str(tmp_path / "slow.bin"))
+    assert (tmp_path / "slow.bin").read_bytes() == b"s" * 5000
+
+
 def test_file_transfer_refusals_and_cancels_leave_nothing(server, tmp_path):
     with agent_client(server) as client:
         status = send_file(client, 1, "big.bin", b"", size=(1 << 20) + 1)

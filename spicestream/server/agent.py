@@ -13,6 +13,7 @@ wait in a queue bounded in bytes, where a newer clipboard supersedes an older on
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import io
 import logging
@@ -37,7 +38,7 @@ from ..protocol.agent import (
 )
 from ..protocol.messages import SERVER
 from ..protocol.wire import ProtocolError
-from .filexfer import FileReceiver
+from .filexfer import FileReceiver, run_inline
 
 if TYPE_CHECKING:
     from .core import ServerCore
@@ -123,6 +124,26 @@ class ClipboardBoard:
                 offer.origin = None  # the content stays: the client that copied it has left
 
 
+def off_the_loop(work, then) -> None:
+    """FileReceiver's offload: `work` in the loop's default executor, `then(result or the
+    exception)` back on the loop. Without a running loop (a tool driving an Agent directly),
+    inline."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        run_inline(work, then)
+        return
+
+    def done(future) -> None:
+        try:
+            result = future.result()
+        except Exception as exc:  # noqa: BLE001 - reported through `then`, never lost
+            result = exc
+        then(result)
+
+    loop.run_in_executor(None, work).add_done_callback(done)
+
+
 class Agent:
     def __init__(self, core: "ServerCore", conn, peer: str):
         self.core, self.conn, self.peer = core, conn, peer
@@ -144,7 +165,8 @@ class Agent:
         self.serial = {s: 0 for s in Selection}
         self.client_grabs: dict[Selection, list[int]] = {}
         self.client_max_clipboard = -1  # the client's own limit (MAX_CLIPBOARD); -1: none
-        self.files = FileReceiver(core.file_transfer, self._file_status, core.emit_file, peer)
+        self.files = FileReceiver(core.file_transfer, self._file_status, core.emit_file, peer,
+                                  offload=off_the_loop)
         self.stats = collections.Counter()
 
     # -- limits -------------------------------------------------------------------------------

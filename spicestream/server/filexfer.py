@@ -111,12 +111,30 @@ def io_error(code: int) -> bytes:
     return XFER_ERROR.pack(XFER_ERROR.type(XferErrorType.GLIB_IO, code))
 
 
+def run_inline(work: Callable[[], object], then: Callable[[object], None]) -> None:
+    """The simplest `offload`: do the work here and now (tests, tools)."""
+    try:
+        result = work()
+    except OSError as exc:
+        result = exc
+    then(result)
+
+
 class FileReceiver:
-    """One client's transfers. `status(id, result, detail)` sends FILE_XFER_STATUS."""
+    """One client's transfers. `status(id, result, detail)` sends FILE_XFER_STATUS.
+
+    `offload(work, then)` runs `work()` (the blocking end of a transfer: fsync, link) away
+    from the caller and calls `then(result or OSError)` back on the caller's thread: fsync
+    of a large file on a slow disk takes seconds, which on the server's loop would freeze every
+    client's picture and sound meanwhile."""
 
     def __init__(self, config: FileTransferConfig | None, status: Callable[..., None],
-                 on_done: Callable[[str, str], None], peer: str):
+                 on_done: Callable[[str, str], None], peer: str,
+                 offload: Callable[[Callable[[], object], Callable[[object], None]], None] = run_inline):
         self.config, self._status, self._on_done, self.peer = config, status, on_done, peer
+        self._offload = offload
+        self.closed = False
+        self.finishing = 0  # transfers whole, being made files
         self.active: dict[int, Transfer] = {}
         self.completed = 0
         self.refused = 0
@@ -128,7 +146,7 @@ class FileReceiver:
             return
         if xfer_id in self.active:
             raise ProtocolError(f"file transfer {xfer_id} started twice")
-        if len(self.active) >= MAX_ACTIVE:
+        if len(self.active) + self.finishing >= MAX_ACTIVE:  # each holds an open file
             self._refuse(xfer_id, XferStatus.ERROR, io_error(G_IO_ERROR_TOO_MANY_OPEN_FILES),
                          f"already {MAX_ACTIVE} transfers")
             return
@@ -193,34 +211,46 @@ class FileReceiver:
             self._discard(transfer)
 
     def close(self) -> None:
+        self.closed = True  # a transfer being finished still becomes a file; no status is sent
         for transfer in self.active.values():
             self._discard(transfer)
         self.active.clear()
 
     def _finish(self, xfer_id: int) -> None:
         transfer = self.active.pop(xfer_id)
-        try:
+        directory = self.config.directory
+        self.finishing += 1
+
+        def keep() -> str:  # blocking, off the caller's thread; touches only `transfer`
             os.fsync(transfer.fd)
             os.close(transfer.fd)
             transfer.fd = -1
             os.chmod(transfer.temp_path, 0o644)
             while True:
-                path = unique_path(self.config.directory, transfer.name)
+                path = unique_path(directory, transfer.name)
                 try:
                     os.link(transfer.temp_path, path)  # never replaces a file that appeared
                     break
                 except FileExistsError:
                     continue
             os.unlink(transfer.temp_path)
-        except OSError as exc:
-            self._discard(transfer)
-            self._status(xfer_id, XferStatus.ERROR, io_error(G_IO_ERROR_FAILED))
-            log.warning("%s: could not keep %r: %s", self.peer, transfer.name, exc)
-            return
-        self.completed += 1
-        log.info("%s: received %s", self.peer, path)
-        self._status(xfer_id, XferStatus.SUCCESS)
-        self._on_done(os.path.basename(path), path)
+            return path
+
+        def kept(result) -> None:  # back on the caller's thread
+            self.finishing -= 1
+            if isinstance(result, Exception):  # OSError, or a bug: either way no file
+                self._discard(transfer)
+                log.warning("%s: could not keep %r: %s", self.peer, transfer.name, result)
+                if not self.closed:
+                    self._status(xfer_id, XferStatus.ERROR, io_error(G_IO_ERROR_FAILED))
+                return
+            self.completed += 1
+            log.info("%s: received %s", self.peer, result)
+            if not self.closed:
+                self._status(xfer_id, XferStatus.SUCCESS)
+            self._on_done(os.path.basename(result), result)
+
+        self._offload(keep, kept)
 
     def _fail(self, xfer_id: int, why: str, code: int) -> None:
         transfer = self.active.pop(xfer_id)
@@ -245,4 +275,5 @@ class FileReceiver:
             pass
 
     def summary(self) -> dict:
-        return {"active": len(self.active), "completed": self.completed, "refused": self.refused}
+        return {"active": len(self.active), "finishing": self.finishing, "completed": self.completed,
+                "refused": self.refused}
