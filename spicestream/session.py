@@ -9,7 +9,6 @@ file and socket are removed here.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import select
@@ -59,10 +58,17 @@ class SessionError(RuntimeError):
     """The session cannot start (no X server, a command that does not exist...)."""
 
 
-def _die_with_parent() -> None:
-    # PR_SET_PDEATHSIG: SIGTERM the child if we die, however we die.
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
-    os.setsid()  # its own process group: a Ctrl-C in our terminal is ours to pass on
+def _dying_with_us(command: list[str]) -> list[str]:
+    """`command`, run so that it gets SIGTERM if we die, however we die (PR_SET_PDEATHSIG,
+    set by util-linux's setpriv before it execs the command). Popen's `preexec_fn` could set it
+    too, but that runs Python in the child of a threaded process (the server's and GStreamer's
+    threads), where a lock another thread held at fork time can deadlock it. Popen's
+    `start_new_session` gives the child its own process group: a Ctrl-C in our terminal is
+    ours to pass on."""
+    if shutil.which("setpriv") is None:  # util-linux is essential on Debian; elsewhere, say so
+        log.warning("setpriv (util-linux) is missing: %s will outlive us if we are killed", command[0])
+        return list(command)
+    return ["setpriv", "--pdeathsig", "TERM", "--", *command]
 
 
 def stop_process(proc: subprocess.Popen | None, grace: float = STOP_GRACE_S) -> None:
@@ -132,8 +138,9 @@ class PrivateXServer:
         read_fd, write_fd = os.pipe()
         log_file = open(self.workdir / f"{self.kind}.log", "ab")
         try:
-            self.proc = subprocess.Popen(self._command(write_fd), pass_fds=(write_fd,), stdin=subprocess.DEVNULL,
-                                         stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+            self.proc = subprocess.Popen(_dying_with_us(self._command(write_fd)), pass_fds=(write_fd,),
+                                         stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
         except OSError:
             os.close(read_fd)
             raise
@@ -244,12 +251,12 @@ class PrivatePulse:
         env.pop("PULSE_SERVER", None)
         log_file = open(self.dir / "pulseaudio.log", "ab")
         self.proc = subprocess.Popen(
-            ["pulseaudio", "-n", "--daemonize=no", "--exit-idle-time=-1", "--use-pid-file=no",
-             f"--load=module-native-protocol-unix socket={self.socket} auth-anonymous=1",
-             f"--load=module-null-sink sink_name={self.sink} rate=48000 channels=2",
-             "--load=module-always-sink"],
+            _dying_with_us(["pulseaudio", "-n", "--daemonize=no", "--exit-idle-time=-1", "--use-pid-file=no",
+                            f"--load=module-native-protocol-unix socket={self.socket} auth-anonymous=1",
+                            f"--load=module-null-sink sink_name={self.sink} rate=48000 channels=2",
+                            "--load=module-always-sink"]),
             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=log_file, preexec_fn=_die_with_parent)
+            stderr=log_file, start_new_session=True)
         log_file.close()  # the child has its own
         deadline = time.monotonic() + START_TIMEOUT_S
         while not self.socket.exists():
@@ -296,8 +303,8 @@ class Session:
         return env
 
     def run_command(self) -> None:
-        self.child = subprocess.Popen(self.command, env=self.env(), stdin=subprocess.DEVNULL,
-                                      preexec_fn=_die_with_parent)
+        self.child = subprocess.Popen(_dying_with_us(self.command), env=self.env(), stdin=subprocess.DEVNULL,
+                                      start_new_session=True)
         log.info("running %s (pid %d) on %s", " ".join(self.command), self.child.pid, self.x.display)
 
     def command_status(self) -> int | None:

@@ -129,6 +129,25 @@ def test_command_status_crash_and_signals_leave_nothing_running(tmp_path):
             assert not Path(f"/proc/{pid}").exists(), "the command outlived the session"
 
 
+def test_a_session_killed_outright_takes_its_x_server_and_command_with_it(tmp_path):
+    """SIGKILL leaves no chance to clean up: the children get SIGTERM from the kernel
+    (PR_SET_PDEATHSIG, set by setpriv before each execs)."""
+    marker = tmp_path / "alive"
+    run = Run("--", "sh", "-c", f"touch {marker}; sleep 60").wait_serving()
+    xclient.wait_until(marker.exists, 10, 0.1, "the command")
+    (x_pid,) = run.ours()
+    commands = [int(p) for p in subprocess.run(["pgrep", "-f", f"touch {marker}"], capture_output=True,
+                                                text=True).stdout.split()]
+    assert commands
+    run.proc.kill()
+    run.proc.wait(10)
+    deadline = time.monotonic() + 10
+    while (running(x_pid) or any(running(p) for p in commands)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not running(x_pid), "the X server outlived the session"
+    assert not [p for p in commands if running(p)], "the command outlived the session"
+
+
 def test_an_x_server_killed_under_the_session_ends_it_and_is_cleaned_up():
     run = Run("--", "sleep", "60").wait_serving()
     (x_pid,) = run.ours()
