@@ -196,3 +196,28 @@ def test_xorg_dummy_screen_follows_the_window_both_ways(tmp_path):
         d.close()
     (grown_w, grown_h), (shrunk_w, shrunk_h) = sizes
     assert grown_w > 800 and grown_h > 600 and shrunk_w < 800 and shrunk_h < 600, sizes
+
+
+def test_modes_made_for_passing_sizes_do_not_pile_up(tmp_path):
+    """A window dragged wider asks for size after size: each new size gets a mode, and the
+    ones left behind are deleted, so the X server lists ours only for the size it has."""
+    from spicestream.sources.x11randr import X11Resizer
+
+    served = xclient.XorgDummySession(800, 600, log_dir=tmp_path / "served")
+    try:
+        served.start()
+    except RuntimeError as exc:
+        pytest.skip(f"Xorg with the dummy driver does not start here: {exc}")
+    resizer = X11Resizer(served.display)
+    try:
+        sizes = [(1000 + 2 * i, 700 + 2 * i) for i in range(6)] + [(1000, 700)]
+        for width, height in sizes:
+            assert resizer.resize(width, height)
+            assert served.screen_size() == (width, height)
+        listed = subprocess.run(["xrandr", "--display", served.display, "--verbose"], capture_output=True,
+                                text=True, check=True).stdout
+        ours = sorted({word for word in listed.split() if word.endswith("_spicestream")})
+        assert ours == ["1000x700_spicestream"], ours
+    finally:
+        resizer.close()
+        served.close()

@@ -5,6 +5,11 @@ the server thread; the capture thread has its connection to itself).
 Xorg with the dummy driver and Xvnc take any size up to their maximum; Xvfb's maximum is its
 start size, so there a bigger request is refused, said once in the log, and the size kept.
 The capture side sees the new size through RandR's ScreenChangeNotify (x11.py).
+
+A size the X server has no mode for gets one of ours (`WxH_spicestream`); once the screen has
+moved to another size, ours that are no longer in use are deleted: a window dragged wider
+asks for dozens of sizes, and they would all stay listed (xrandr, the desktop's display
+settings) for as long as the X server runs.
 """
 
 from __future__ import annotations
@@ -27,6 +32,16 @@ def mode_timings(width: int, height: int, refresh: int = 60) -> tuple:
     return (width, height, clock, width + 48, width + 80, htotal, 0, height + 3, height + 8, vtotal)
 
 
+def name_of(res, mode: int) -> bytes:
+    """A mode's name from GetScreenResources(Current) (names are packed in mode order)."""
+    names, offset = bytes(res.names), 0
+    for info in res.modes:
+        if info.id == mode:
+            return names[offset : offset + info.name_len]
+        offset += info.name_len
+    return b""
+
+
 class X11Resizer:
     """`resize(width, height)`: make the X screen that size if the X server allows it."""
 
@@ -39,6 +54,7 @@ class X11Resizer:
         self.lock = threading.Lock()
         self.conn = None
         self._said: set[str] = set()
+        self._ours: dict[int, int] = {}  # mode id we created -> the output we added it to
 
     def _connect(self):
         if self.conn is None:
@@ -95,6 +111,8 @@ class X11Resizer:
                 mode = randr.CreateMode(root, (0, *mode_timings(width, height), len(name), 0),
                                         len(name), name).reply().mode
             randr.AddOutputModeChecked(output, mode).check()
+            if name_of(res, mode).endswith(b"_spicestream") or mode not in modes:
+                self._ours[mode] = output
         # Off, new screen size, on with the new mode: a CRTC may never lie outside the screen.
         off = randr.SetCrtcConfig(info.crtc, 0, res.config_timestamp, 0, 0, 0, ROTATE_0, 0, []).reply()
         if off.status != 0:
@@ -114,12 +132,25 @@ class X11Resizer:
             randr.SetCrtcConfig(info.crtc, 0, res.config_timestamp, crtc.x, crtc.y, crtc.mode,
                                 crtc.rotation or ROTATE_0, len(crtc.outputs), list(crtc.outputs)).reply()
             return f"the X server refused {width}x{height}"
+        self._forget_modes(keep=mode)
         # Xvfb takes every request above and keeps its size: believe only the result.
         geometry = self.conn.core.GetGeometry(root).reply()
         if (geometry.width, geometry.height) != (width, height):
             return (f"the X server kept {geometry.width}x{geometry.height} (Xvfb's screen does "
                     "not change size; Xorg with the dummy driver does)")
         return None
+
+    def _forget_modes(self, keep: int) -> None:
+        """Delete the modes we created, except `keep` (the one now in use)."""
+        for mode, output in list(self._ours.items()):
+            if mode == keep:
+                continue
+            del self._ours[mode]
+            try:
+                self.randr.DeleteOutputModeChecked(output, mode).check()
+                self.randr.DestroyModeChecked(mode).check()
+            except self.xcffib.XcffibException as exc:  # in use by another output, or gone
+                log.debug("mode %d stays: %s", mode, type(exc).__name__)
 
     def close(self) -> None:
         if self.conn is not None:
