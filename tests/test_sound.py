@@ -264,6 +264,41 @@ def test_a_latency_client_has_its_queue_drained_with_quiet_packets_only(server):
     assert drained == {True: len(left_out), False: 0}
 
 
+def test_a_short_sound_after_silence_is_sent_late_to_a_latency_client_not_lost(server, monkeypatch):
+    """A 300 ms beep that starts a stream ends inside the first SETTLE_MS, which clients do
+    not get: spice-gtk gets it when settling ends, whole, every packet at the stamp due then; a
+    client without LATENCY still gets none of it. A sound still going at that point loses its
+    start as before."""
+    monkeypatch.setattr("spicestream.audio.output.STOP_AFTER_MS", 3000)  # past settling
+    beep = (np.sin(2 * np.pi * 440 * np.arange(30 * 480) / RATE) * 8000).astype(np.int16)
+    with audio_client(server, opus=False) as gtk, audio_client(server, opus=False, latency=False) as html5:
+        written = time.monotonic()
+        server.audio.write(beep)
+        gtk.wait_for(lambda c: len(playback(c, SERVER.PLAYBACK_DATA)) >= 30, timeout=10, what="the beep")
+        arrived = time.monotonic()
+        start = playback(gtk, SERVER.PLAYBACK_START)[0].time
+        data = playback(gtk, SERVER.PLAYBACK_DATA)
+        got = np.frombuffer(b"".join(d.data for d in data), "<i2").reshape(-1, 2)
+        assert len(data) == 30 and (got[:, 0] == beep).all() and (got[:, 1] == beep).all()
+        stamps = {d.time for d in data}
+        assert len(stamps) == 1 and stamps.pop() - start >= SETTLE_MS  # the stamp due when sent
+        assert arrived - written >= SETTLE_MS / 1000 * 0.9  # sent when settling ended, not before
+        gtk.wait_for(lambda c: playback(c, SERVER.PLAYBACK_STOP), timeout=10, what="the stream's end")
+        html5.wait_for(lambda c: playback(c, SERVER.PLAYBACK_STOP), timeout=10, what="the stream's end")
+        assert not playback(html5, SERVER.PLAYBACK_DATA)
+        late = {c.latency_cap: c.late_start for c in server._core.audio.channels}
+        assert late == {True: 30, False: 0}
+        # A long sound: still going when settling ends, so its start stays left out.
+        with TonePlayer(server, 440.0) as player:
+            gtk.wait_for(lambda c: len(playback(c, SERVER.PLAYBACK_START)) == 2, timeout=10, what="a new stream")
+            while player.written < 2 * RATE:
+                time.sleep(0.05)
+        later = [d.time for d in playback(gtk, SERVER.PLAYBACK_DATA)[30:]]
+        second = playback(gtk, SERVER.PLAYBACK_START)[1].time
+        assert later and min(later) - second >= SETTLE_MS
+        assert {c.latency_cap: c.late_start for c in server._core.audio.channels} == {True: 30, False: 0}
+
+
 def test_a_stalled_client_keeps_only_the_newest_packets(server):
     with audio_client(server) as stalled, audio_client(server) as healthy:
         stalled.stall(Ch.PLAYBACK)
@@ -366,3 +401,35 @@ def test_remote_viewer_plays_the_tone_without_gaps(server, tmp_path):
         run = run + 1 if q else 0
         longest = max(longest, run)
     assert longest * 5 <= 30, f"a gap of {longest * 5} ms"
+
+
+@pytest.mark.realclient
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not pulse.available() or bool(xclient.missing_tools()),
+                    reason="needs pulseaudio, pactl, parec and remote-viewer under Xvfb")
+def test_remote_viewer_plays_a_short_beep_that_starts_a_stream(server, tmp_path, monkeypatch):
+    """A notification after a long silence: 300 ms that start a stream and end before the
+    first SETTLE_MS do. remote-viewer plays it whole, SETTLE_MS late, instead of not at all."""
+    monkeypatch.setattr("spicestream.audio.output.STOP_AFTER_MS", 3000)  # as in use: past settling
+    beep = tone(440.0, 0, 30 * 480, level=0.5)
+    with pulse.PulseServer(tmp_path / "pulse") as pa, xclient.XSession(800, 600, log_dir=tmp_path / "x") as x:
+        x.env.update(pa.env)
+        recording = tmp_path / "played.raw"
+        recorder = pa.record(recording)
+        try:
+            viewer = x.start_viewer(f"spice://127.0.0.1:{server.port}")
+            x.find_window(viewer)
+            xclient.wait_until(lambda: server._core.audio.channels, 20, 0.1, "the viewer's playback channel")
+            time.sleep(1.0)  # the channel's own start-up is not what is tested
+            server.audio.write(beep)
+            xclient.wait_until(lambda: [c.late_start for c in server._core.audio.channels] == [30], 10, 0.05,
+                               "the beep sent when settling ended")
+            time.sleep(1.5)  # played, and into the recording
+        finally:
+            recorder.terminate()
+            recorder.wait(5)
+    left = pulse.read_recording(recording)[:, 0]
+    loud = rms_windows(left) > 0.1  # the beep's RMS is 0.35
+    assert loud.sum() * 5 >= 250, f"only {loud.sum() * 5} ms of the 300 ms beep heard"
+    heard = left[np.argmax(np.abs(left) > 0.1):][: RATE // 4]
+    assert abs(peak_hz(heard) - 440) <= 8

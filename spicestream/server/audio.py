@@ -17,6 +17,14 @@ pipeline then starts with PLAYBACK_DELAY_MS queued and keeps it; for a client th
 LATENCY (spice-gtk: spice-html5 does not, and times its own buffer from the stamps) a
 `BufferDrain` leaves packets out until CLIENT_BUFFER_MS is left (counted as "drained"), and
 LATENCY says so.
+
+Not sending the first SETTLE_MS would lose a sound shorter than that after a long silence (a
+notification, a bell) whole. So for a LATENCY client those packets are held, and when settling
+ends, if the sound has ended meanwhile (no packet for SOUND_ENDED_MS), they are sent then,
+heard SETTLE_MS late rather than never (counted as "late_start"). They all carry the stamp
+that is due then: spice-gtk sets its clock from a stream's first packet and plays the rest as
+they come, so the picture's clock stays right and stamps never go back. Sound still playing
+when settling ends loses its start, as before: it goes on without it at low latency.
 """
 
 from __future__ import annotations
@@ -53,6 +61,7 @@ log = logging.getLogger("spicestream.audio")
 PLAYBACK_DELAY_MS = 130  # spice-gtk's audio pipeline delay with pulsesink: packets' stamp lead
 CLIENT_BUFFER_MS = 30  # what a drained client keeps queued: its margin for late packets
 SETTLE_MS = 1200  # packets of a new stream not sent while the client's pipeline starts
+SOUND_ENDED_MS = 150  # no packet for this long when settling ends: a short sound, sent late
 MAX_PENDING = 20  # 200 ms of packets waiting for a client's socket
 TICK_S = 0.005
 
@@ -130,10 +139,13 @@ class PlaybackChannel(ChannelHandler):
         self.dropped = 0
         self.settling = 0  # packets not sent while the client's pipeline started
         self.settle_until = 0
+        self.held: collections.deque = collections.deque(maxlen=SETTLE_MS // PACKET_MS)
+        self.settle_timer: asyncio.TimerHandle | None = None
+        self.last_media_ms: int | None = None  # the newest packet's media time
+        self.late_start = 0  # packets of a short sound sent when settling ended
         self.drain: BufferDrain | None = None
         self.drained = 0  # packets left out to shorten the client's queue
         self.sent = 0
-        self.last_stamp = 0
         pump = self.core.audio
         pump.channels.add(self)
         self.send_volume()
@@ -159,19 +171,50 @@ class PlaybackChannel(ChannelHandler):
             self.drain = BufferDrain(now_ms, PLAYBACK_DELAY_MS - CLIENT_BUFFER_MS)
         self.streaming = True
         self.settle_until = now_ms + SETTLE_MS
+        self._cancel_settle()
+        if self.latency_cap:
+            self.settle_timer = asyncio.get_running_loop().call_later(SETTLE_MS / 1000, self._settled)
         self.conn.flush()
+
+    def _cancel_settle(self) -> None:
+        if self.settle_timer is not None:
+            self.settle_timer.cancel()
+            self.settle_timer = None
+        self.held.clear()
+
+    def _settled(self) -> None:
+        """Settling is over: a short sound held meanwhile is sent now, at the stamp due now."""
+        self.settle_timer = None
+        held, self.held = list(self.held), collections.deque(maxlen=self.held.maxlen)
+        now_ms = self.core.mm_ms(self.core.clock())
+        if not held or not self.streaming or self.last_media_ms is None \
+                or now_ms - self.last_media_ms < SOUND_ENDED_MS:
+            return  # nothing held, or the sound goes on: its start stays left out
+        stamp = wire_stamp(now_ms + PLAYBACK_DELAY_MS)
+        self.settling -= len(held)
+        self.late_start += len(held)
+        for data in held:
+            if len(self.pending) == self.pending.maxlen:
+                self.writable()  # the burst goes out as the socket takes it
+            if len(self.pending) == self.pending.maxlen:
+                self.dropped += 1
+            self.pending.append(SERVER.PLAYBACK_DATA(stamp, data))
+        self.writable()
 
     def send_packet(self, stamp_ms: int, opus: bytes | None, raw: bytes, quiet: bool = False) -> None:
         if not self.streaming:
             return
         media_ms = stamp_ms - PLAYBACK_DELAY_MS
+        self.last_media_ms = media_ms
+        data = opus if self.opus else raw
         if media_ms < self.settle_until:
             self.settling += 1
+            if self.settle_timer is not None:
+                self.held.append(data)
             return
         if self.drain is not None and self.drain.leave_out(media_ms, quiet):
             self.drained += 1
             return
-        data = opus if self.opus else raw
         if len(self.pending) == self.pending.maxlen:
             self.dropped += 1  # the oldest goes: a stalled client never grows memory
         self.pending.append(SERVER.PLAYBACK_DATA(wire_stamp(stamp_ms), data))
@@ -184,6 +227,7 @@ class PlaybackChannel(ChannelHandler):
         self.conn.flush()
 
     def stop_stream(self) -> None:
+        self._cancel_settle()
         if self.streaming:
             self.pending.clear()
             self.conn.send(SERVER.PLAYBACK_STOP())
@@ -191,12 +235,13 @@ class PlaybackChannel(ChannelHandler):
             self.streaming = False
 
     def closed(self) -> None:
+        self._cancel_settle()
         self.core.audio.channels.discard(self)
         super().closed()
 
     def stats(self) -> dict:
         return {"mode": "opus" if self.opus else "raw", "sent": self.sent, "dropped": self.dropped,
-                "settling": self.settling, "drained": self.drained}
+                "settling": self.settling, "late_start": self.late_start, "drained": self.drained}
 
 
 class RecordChannel(ChannelHandler):
