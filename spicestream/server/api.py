@@ -25,6 +25,7 @@ import numpy as np
 
 from ..display.streams import MODES
 from ..display.surface import Display
+from ..threadname import name_this_thread
 from ..video.codec_list import DEFAULT_CODECS
 from ..video.factory import VideoCodecs
 from .connection import ChannelConnection
@@ -34,7 +35,6 @@ from .filexfer import FileTransferConfig
 from .cursor import cursor_bytes
 from .security import is_loopback, parse_secure_channels, tls_context
 from .web import WebRoot, normalise_origin
-from ..threadname import name_this_thread
 
 log = logging.getLogger("spicestream.server")
 TICK_S = 0.05  # draw completions are promised within 1 s; this keeps them well inside

@@ -14,9 +14,9 @@ import time
 
 import numpy as np
 
+from ..threadname import name_this_thread
 from .codec import Codec
 from .encoder import EncodedFrame, VideoEncoder
-from ..threadname import name_this_thread
 
 try:
     import simplejpeg
