@@ -8,6 +8,7 @@ import contextlib
 import io
 import os
 import queue
+import time
 
 import numpy as np
 import pytest
@@ -308,6 +309,32 @@ def test_a_file_is_synced_to_disk_off_the_servers_loop(server, tmp_path, monkeyp
     assert (tmp_path / "slow.bin").read_bytes() == b"s" * 5000
 
 
+def test_file_transfers_and_agent_messages_are_in_stats_and_metrics(server, tmp_path):
+    prometheus_client = pytest.importorskip("prometheus_client")
+    from spicestream.server.metrics import StatsCollector
+
+    with agent_client(server) as client:
+        send_file(client, 1, "a.txt", b"abc")
+        assert final_status(client, 1).result == XferStatus.SUCCESS
+        assert send_file(client, 2, "..", b"x").result == XferStatus.ERROR
+        agents = server.stats()["server"]["agents"]
+        assert len(agents) == 1
+        files = agents[0]["files"]
+        assert (files["completed"], files["refused"], files["active"], files["finishing"]) == (1, 1, 0, 0)
+        assert agents[0]["messages"]["FILE_XFER_START"] == 2
+        registry = prometheus_client.CollectorRegistry(auto_describe=False)
+        registry.register(StatsCollector(server))
+        text = prometheus_client.generate_latest(registry).decode()
+        peer = agents[0]["peer"]
+        assert f'spicestream_files_received_total{{client="{peer}"}} 1.0' in text
+        assert f'spicestream_files_refused_total{{client="{peer}"}} 1.0' in text
+        assert f'spicestream_agent_messages_total{{client="{peer}",type="FILE_XFER_START"}} 2.0' in text
+    deadline = time.monotonic() + 5  # the server sees the close on its own thread
+    while server.stats()["server"]["agents"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.stats()["server"]["agents"] == []  # gone with its client
+
+
 def test_file_transfer_refusals_and_cancels_leave_nothing(server, tmp_path):
     with agent_client(server) as client:
         status = send_file(client, 1, "big.bin", b"", size=(1 << 20) + 1)
@@ -323,7 +350,6 @@ def test_file_transfer_refusals_and_cancels_leave_nothing(server, tmp_path):
         send_file(client, 5, "empty.txt", b"")
         assert final_status(client, 5).result == XferStatus.SUCCESS
     # The client left with transfer 4 half done: nothing partial stays behind.
-    import time
     deadline = time.monotonic() + 5
     while os.listdir(tmp_path) != ["empty.txt"] and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -428,7 +428,8 @@ class Server:
             "gl_draws": {"completed": self.display.draws.completed, "late": self.display.draws.late,
                          "pending": self.display.draws.pending,
                          "latency_hist": self.display.draws.latency.snapshot()},
-            "audio": {**core.audio.stats(), "clients": [c.stats() for c in core.audio.channels]}}}
+            "audio": {**core.audio.stats(), "clients": [c.stats() for c in core.audio.channels]},
+            "agents": [{"peer": agent.peer, **agent.summary()} for agent in core.agents()]}}
         for channel in list(core.display_channels):
             entry = {"peer": channel.conn.peer, "bytes_sent": channel.bytes_sent}
             if channel.streams is not None:

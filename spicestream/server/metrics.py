@@ -76,6 +76,28 @@ class StatsCollector:
                                   "Samples a live source (the desktop's sound) delivered late, dropped.",
                                   value=audio["late_samples"])
         yield from self._clients(stats["clients"])
+        yield from self._agents(top["agents"])
+
+    @staticmethod
+    def _agents(agents):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        received = CounterMetricFamily("spicestream_files_received", "Files a client dropped, kept whole.",
+                                       labels=["client"])
+        refused = CounterMetricFamily("spicestream_files_refused",
+                                      "Files refused (size, space, name, too many at once).", labels=["client"])
+        active = GaugeMetricFamily("spicestream_files_in_transfer", "Transfers under way or being synced.",
+                                   labels=["client"])
+        messages = CounterMetricFamily("spicestream_agent_messages", "Agent messages from a client, by type.",
+                                       labels=["client", "type"])
+        for agent in agents:
+            files = agent["files"]
+            received.add_metric([agent["peer"]], files["completed"])
+            refused.add_metric([agent["peer"]], files["refused"])
+            active.add_metric([agent["peer"]], files["active"] + files["finishing"])
+            for kind, n in sorted(agent["messages"].items()):
+                messages.add_metric([agent["peer"], kind], n)
+        yield from (received, refused, active, messages)
 
     def _clients(self, clients):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
