@@ -443,3 +443,27 @@ def test_local_client_keeps_its_outstanding_draw_across_a_new_scanout(local_gl):
         time.sleep(0.01)
     assert done == ["before", "after"]
     client.close()
+
+
+def test_local_clients_have_labels_of_their_own(local_gl):
+    """A unix socket's peer has no address: each client's label carries its process and a
+    number, so two local clients are two series in /metrics, not one label twice."""
+    server, buf, done, path = local_gl
+    server.display.gl_scanout(buf.fd, W, H, buf.stride, XR24)
+    clients = [LocalClient(path), LocalClient(path)]
+    for client in clients:
+        client._wait(client.display, SERVER.DISPLAY_GL_SCANOUT_UNIX)
+        os.close(client.receive_fd())
+    peers = [c["peer"] for c in server.stats()["clients"]]
+    assert len(peers) == 2 and len(set(peers)) == 2, peers
+    assert all(p.startswith(f"unix:pid{os.getpid()}#") for p in peers), peers
+    prometheus_client = pytest.importorskip("prometheus_client")
+    from spicestream.server.metrics import StatsCollector
+
+    registry = prometheus_client.CollectorRegistry(auto_describe=False)
+    registry.register(StatsCollector(server))
+    lines = [ln.rsplit(" ", 1)[0] for ln in prometheus_client.generate_latest(registry).decode().splitlines()
+             if ln.startswith("spicestream_client_bytes_sent_total")]
+    assert len(lines) == 2 and len(set(lines)) == 2, lines
+    for client in clients:
+        client.close()

@@ -8,8 +8,10 @@ cursor). Any protocol error closes this connection alone, with one log line.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import socket
+import struct
 import time
 from typing import TYPE_CHECKING
 
@@ -35,6 +37,21 @@ ABORT_GRACE_S = 5.0  # a closing connection's queued bytes get this long to leav
 MAX_UNLINKED = 256
 MAX_UNLINKED_PER_NETWORK = 64  # a client links 4-6 channels at once; a NAT has several clients
 REFUSAL_LOG_INTERVAL_S = 10.0
+
+_unix_connections = itertools.count(1)
+
+
+def unix_peer(sock) -> str:
+    """A unix-socket peer's name for logs and the per-client metrics: its process (the
+    kernel's SO_PEERCRED) and a number of its own, since a client's socket has no address and
+    two clients must not share one label (duplicate series break a Prometheus scrape)."""
+    number = next(_unix_connections)
+    try:
+        pid, _uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                                struct.calcsize("3i")))
+    except (OSError, AttributeError):  # no credentials to read: the number alone
+        return f"unix:#{number}"
+    return f"unix:pid{pid}#{number}"
 
 
 class UnlinkedConnections:
@@ -107,7 +124,7 @@ class ChannelConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         sock = transport.get_extra_info("socket")
         self.is_unix = sock is not None and sock.family == socket.AF_UNIX
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else f"unix:{peer or '?'}"
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else unix_peer(sock)
         self.address = peer[0] if isinstance(peer, tuple) else "unix"  # for the guessing brake
         self.secure = transport.get_extra_info("ssl_object") is not None
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
