@@ -34,6 +34,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import glass  # noqa: E402
+from glass_x11 import thread_cpu, thread_cpu_delta  # noqa: E402
 from spicestream.video import gst_encoder  # noqa: E402
 from spicestream.video.elements import BY_NAME  # noqa: E402
 
@@ -51,37 +52,11 @@ def frames(width: int, height: int, count: int = 60) -> list:
     return out
 
 
-def thread_cpu_ms() -> dict[tuple[str, str], int]:
-    tick_ms = 1000 / os.sysconf("SC_CLK_TCK")
-    out = {}
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            stat = open(f"/proc/self/task/{tid}/stat").read()
-        except OSError:  # the thread ended meanwhile
-            continue
-        name = stat[stat.index("(") + 1 : stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2 :].split()
-        out[(tid, name)] = round((int(fields[11]) + int(fields[12])) * tick_ms)
-    return out
-
-
-def split_layout(description: str) -> str:
-    """The large-frame layout of a small-frame pipeline description."""
-    one = "videoconvert n-threads=1 ! "
-    if one not in description:
-        return description  # already split
-    head, tail = description.split(one, 1)
-    caps, rest = tail.split(" ! ", 1)
-    return (f"{head}videoconvert n-threads={gst_encoder.CONVERT_THREADS} ! {caps} "
-            f"! queue max-size-buffers=2 max-size-bytes=0 max-size-time=0 ! {rest}")
-
-
 def run(layout: str, element: str, width: int, height: int, fps: int, count: int, pictures) -> dict:
     original = gst_encoder.pipeline_description
 
     def describe(*args, **kwargs):
-        text = original(*args, **kwargs)
-        return split_layout(text) if layout == "split" else text
+        return original(*args, **kwargs, split=True) if layout == "split" else original(*args, **kwargs)
 
     gst_encoder.pipeline_description = describe
     done = threading.Semaphore(0)
@@ -98,7 +73,7 @@ def run(layout: str, element: str, width: int, height: int, fps: int, count: int
             encoder.encode(pictures[k % len(pictures)], k)
             done.acquire(timeout=10)
         sizes.clear()
-        before, cpu0, t0 = thread_cpu_ms(), time.process_time(), time.monotonic()
+        before, cpu0, t0 = thread_cpu(os.getpid()), time.process_time(), time.monotonic()
         refused = 0
         for k in range(count):
             time.sleep(max(0.0, t0 + k / fps - time.monotonic()))
@@ -107,16 +82,17 @@ def run(layout: str, element: str, width: int, height: int, fps: int, count: int
         deadline = time.monotonic() + 5
         while len(sizes) < count - refused and time.monotonic() < deadline:
             time.sleep(0.01)
-        cpu1, after = time.process_time(), thread_cpu_ms()
+        cpu1, after = time.process_time(), thread_cpu(os.getpid())
     finally:
         encoder.close()
-    per_thread: dict[str, float] = {}
-    for key, ms in after.items():
-        name = "appsrc thread (converts; encodes too without a queue)" if key[1] == "src:src" else (
-            "queue thread (encodes)" if key[1].startswith("queue") else key[1])
-        per_thread[name] = per_thread.get(name, 0) + ms - before.get(key, 0)
+    def label(name: str) -> str:  # queues are numbered per pipeline: queue0, queue1...
+        if name == "src:src":
+            return "appsrc thread (converts; encodes too without a queue)"
+        return "queue thread (encodes)" if name.startswith("queue") else name
+
+    threads = thread_cpu_delta(before, after, count)
     return {"layout": layout, "cpu_ms_per_frame": round((cpu1 - cpu0) * 1000 / count, 3),
-            "threads_ms_per_frame": {k: round(v / count, 2) for k, v in sorted(per_thread.items()) if v},
+            "threads_ms_per_frame": {label(name): row["cpu_ms_per_frame"] for name, row in sorted(threads.items())},
             "frames": count, "refused": refused, "encoded": len(sizes),
             "kbytes_per_frame": round(sum(sizes) / 1000 / max(1, len(sizes)), 1), "errors": errors[:3]}
 

@@ -64,7 +64,9 @@ def element_exists(name: str) -> bool:
 
 
 def pipeline_description(spec: ElementSpec, width: int, height: int, fps: int,
-                         pixel_format: str = "BGRx", flip: bool = False) -> str:
+                         pixel_format: str = "BGRx", flip: bool = False, split: bool | None = None) -> str:
+    """`split`: conversion on CONVERT_THREADS threads and a queue before the encoder; by
+    default for frames over SMALL_FRAME_PIXELS (bench/encode_cpu.py compares both)."""
     # The caps carry a real frame rate: with framerate=0/1 x264enc holds every frame back
     # until the next one arrives (one frame of latency), and rate control needs the rate.
     caps_out = f" ! {spec.output_caps}" if spec.output_caps else ""
@@ -75,8 +77,10 @@ def pipeline_description(spec: ElementSpec, width: int, height: int, fps: int,
     # handing the result to another thread to encode, costs more CPU than it saves time
     # (640x360 at 30 fps: 2.92 instead of 3.16 ms of CPU per frame, lower in 7 of 8
     # alternated runs: bench/encode_cpu.py --repeat 8).
-    threads, queue = (1, "") if is_small else (
-        CONVERT_THREADS, "! queue max-size-buffers=2 max-size-bytes=0 max-size-time=0 ")
+    if split is None:
+        split = not is_small
+    threads, queue = (CONVERT_THREADS, "! queue max-size-buffers=2 max-size-bytes=0 max-size-time=0 ") \
+        if split else (1, "")
     # (videoflip's older `method` property is accepted and ignored here: video-direction.)
     return (
         f"appsrc name=src is-live=true format=time do-timestamp=false block=false "
