@@ -96,3 +96,15 @@ class FakeConnection:
 
     def flush(self) -> None:
         pass
+
+
+def metrics_text(server) -> str:
+    """What /metrics would serve for `server` now (the collector, without the HTTP server)."""
+    import pytest
+
+    prometheus_client = pytest.importorskip("prometheus_client")
+    from spicestream.server.metrics import StatsCollector
+
+    registry = prometheus_client.CollectorRegistry(auto_describe=False)
+    registry.register(StatsCollector(server))
+    return prometheus_client.generate_latest(registry).decode()

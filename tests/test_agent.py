@@ -37,7 +37,7 @@ from spicestream.server.agent import ClipboardError
 from spicestream.server.filexfer import parse_start, safe_name
 from spicestream.testing.client import TestClient
 
-from helpers import FakeConnection
+from helpers import FakeConnection, metrics_text
 
 
 # What spice-gtk 0.42 announces (channel-main.c agent_announce_caps).
@@ -310,9 +310,6 @@ def test_a_file_is_synced_to_disk_off_the_servers_loop(server, tmp_path, monkeyp
 
 
 def test_file_transfers_and_agent_messages_are_in_stats_and_metrics(server, tmp_path):
-    prometheus_client = pytest.importorskip("prometheus_client")
-    from spicestream.server.metrics import StatsCollector
-
     with agent_client(server) as client:
         send_file(client, 1, "a.txt", b"abc")
         assert final_status(client, 1).result == XferStatus.SUCCESS
@@ -322,9 +319,7 @@ def test_file_transfers_and_agent_messages_are_in_stats_and_metrics(server, tmp_
         files = agents[0]["files"]
         assert (files["completed"], files["refused"], files["active"], files["finishing"]) == (1, 1, 0, 0)
         assert agents[0]["messages"]["FILE_XFER_START"] == 2
-        registry = prometheus_client.CollectorRegistry(auto_describe=False)
-        registry.register(StatsCollector(server))
-        text = prometheus_client.generate_latest(registry).decode()
+        text = metrics_text(server)
         peer = agents[0]["peer"]
         assert f'spicestream_files_received_total{{client="{peer}"}} 1.0' in text
         assert f'spicestream_files_refused_total{{client="{peer}"}} 1.0' in text

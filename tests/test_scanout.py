@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from helpers import Background
+from helpers import Background, metrics_text
 
 import spicestream
 from spicestream.display.scanout import DrawTracker, ScanoutError, Scanout, fourcc
@@ -457,12 +457,7 @@ def test_local_clients_have_labels_of_their_own(local_gl):
     peers = [c["peer"] for c in server.stats()["clients"]]
     assert len(peers) == 2 and len(set(peers)) == 2, peers
     assert all(p.startswith(f"unix:pid{os.getpid()}#") for p in peers), peers
-    prometheus_client = pytest.importorskip("prometheus_client")
-    from spicestream.server.metrics import StatsCollector
-
-    registry = prometheus_client.CollectorRegistry(auto_describe=False)
-    registry.register(StatsCollector(server))
-    lines = [ln.rsplit(" ", 1)[0] for ln in prometheus_client.generate_latest(registry).decode().splitlines()
+    lines = [ln.rsplit(" ", 1)[0] for ln in metrics_text(server).splitlines()
              if ln.startswith("spicestream_client_bytes_sent_total")]
     assert len(lines) == 2 and len(set(lines)) == 2, lines
     for client in clients:

@@ -185,7 +185,8 @@ class PlaybackChannel(ChannelHandler):
     def _settled(self) -> None:
         """Settling is over: a short sound held meanwhile is sent now, at the stamp due now."""
         self.settle_timer = None
-        held, self.held = list(self.held), collections.deque(maxlen=self.held.maxlen)
+        held = list(self.held)
+        self.held.clear()
         now_ms = self.core.mm_ms(self.core.clock())
         if not held or not self.streaming or self.last_media_ms is None \
                 or now_ms - self.last_media_ms < SOUND_ENDED_MS:
