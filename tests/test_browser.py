@@ -292,3 +292,38 @@ def test_the_browser_plays_opus_sound(browser):
     finally:
         stop.set()
         server.stop()
+
+
+def test_the_browser_plays_a_short_beep_that_starts_a_stream_to_its_end(browser):
+    """A 300 ms beep after silence starts a stream: spice-html5 gets it at once, and the
+    silence after it makes Chromium's player, which holds back the end of what it has, play it
+    through: the page's audio element passes the beep's end."""
+    server = spicestream.Server(port=0, width=W, height=H, web=True, streaming_video="off").start()
+    beep_s = 0.3
+    try:
+        server.display.update(picture())
+        page = browser.new_page(viewport={"width": 800, "height": 600})
+        page.add_init_script(AUDIO_PROBE)
+        page.goto(f"http://localhost:{server.port}/")
+        page.wait_for_selector("#spice-screen canvas", timeout=15000)
+        if not page.evaluate("MediaSource.isTypeSupported('audio/webm; codecs=\"opus\"')"):
+            pytest.skip("this Chromium cannot play Opus in WebM (spice-html5 then opens no sound)")
+        deadline = time.monotonic() + 15
+        while not server._core.audio.channels and time.monotonic() < deadline:
+            time.sleep(0.05)  # the beep goes to a playback channel that is there to start it
+        assert server._core.audio.channels, "spice-html5 opened no playback channel"
+        n = int(beep_s * 48000)
+        server.audio.write((np.sin(2 * np.pi * 440 * np.arange(n) / 48000) * 0.3).astype(np.float32))
+        played, state = 0.0, {}
+        while time.monotonic() < deadline and played < beep_s:
+            state = page.evaluate("({appended: window.__audio.appended, played: Array.from("
+                                  "document.querySelectorAll('#spice-screen audio')).map(e => e.currentTime)})")
+            played = max([played, *state["played"]])
+            time.sleep(0.05)
+        assert state.get("appended", 0) > 0, state
+        assert played >= beep_s, (played, state)  # to its end: the player did not hold it back
+        channels = [c.stats() for c in server._core.audio.channels]
+        assert [(c["sent"] >= beep_s * 100, c["settling"], c["filled"] > 0) for c in channels] == [(True, 0, True)]
+        page.close()
+    finally:
+        server.stop()

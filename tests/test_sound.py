@@ -16,6 +16,8 @@ import spicestream
 from spicestream.audio.opus import OpusDecoder, OpusEncoder
 from spicestream.audio.output import (
     AHEAD_MS,
+    FILL_AFTER_MS,
+    FILL_MS,
     DRAIN_FORCED_MS,
     DRAIN_OPENS_MS,
     PACKET_MS,
@@ -73,7 +75,7 @@ class TonePlayer(Background):
 
 
 # -- pure parts ------------------------------------------------------------------------------------
-def test_packet_clock_starts_steps_bridges_gaps_and_stops():
+def test_packet_clock_starts_steps_fills_a_pause_and_stops():
     clock = PacketClock()
     assert clock.due(1000, 479) == (None, 0)  # less than a packet: nothing starts
     event, count = clock.due(1000, 480 * 10)
@@ -83,15 +85,37 @@ def test_packet_clock_starts_steps_bridges_gaps_and_stops():
     assert clock.due(1005, 480 * 5) == (None, 0)  # the next one is not due yet
     assert clock.due(1011, 480 * 5)[1] == 1
     assert clock.sent(1011) == stamps[-1] + PACKET_MS
-    # The producer stalls for 200 ms: packets resume from now, later than the last, never back.
     last = stamps[-1] + PACKET_MS
-    assert clock.due(1250, 0) == (None, 0)
-    event, count = clock.due(1250, 480)
-    assert (event, count) == (None, 1) and clock.sent(1250) == 1250 > last
-    # Silence for STOP_AFTER_MS after the last packet: stop; sound again: a new start.
-    assert clock.due(1250 + STOP_AFTER_MS - 1, 0) == (None, 0)
-    assert clock.due(1250 + STOP_AFTER_MS, 0) == ("stop", 0)
-    assert clock.due(5000, 480)[0] == "start"
+    # The producer stops. A shorter quiet is its jitter: nothing. From FILL_AFTER_MS on,
+    # silence at real-time pace (never more than AHEAD_MS early), FILL_MS of it in all.
+    assert clock.due(1011 + FILL_AFTER_MS - 1, 0) == (None, 0)
+    fills = []  # (sent at, stamp)
+    for now in range(1011 + FILL_AFTER_MS, 1700, 5):
+        event, count = clock.due(now, 0)
+        assert event in ("fill", None) and (count == 0 or event == "fill")
+        fills += [(now, clock.sent(now, fill=True)) for _ in range(count)]
+    assert len(fills) == FILL_MS // PACKET_MS
+    fill_stamps = [stamp for _, stamp in fills]
+    assert fill_stamps[0] > last  # later than the sound, never back
+    assert fill_stamps == list(range(fill_stamps[0], fill_stamps[0] + FILL_MS, PACKET_MS))
+    assert all(stamp - AHEAD_MS <= at <= stamp + AHEAD_MS for at, stamp in fills)  # paced
+    # Sound again, long after: it goes out at once, from now (a gap, not time going back).
+    event, count = clock.due(1700, 480)
+    assert (event, count) == (None, 1) and clock.sent(1700) == 1700 > fill_stamps[-1]
+    # Sound that comes back during a fill goes on right after the silence already sent (at
+    # most AHEAD_MS of it): no more silence is put before it.
+    event, count = clock.due(1760, 0)
+    assert event == "fill" and count >= 1
+    filled = [clock.sent(1760, fill=True) for _ in range(count)]
+    assert filled[-1] <= 1760 + AHEAD_MS
+    event, count = clock.due(filled[-1] + PACKET_MS - AHEAD_MS, 480 * 3)
+    assert event is None and count == 1
+    resumed = filled[-1] + PACKET_MS - AHEAD_MS
+    assert clock.sent(resumed) == filled[-1] + PACKET_MS
+    # Quiet for STOP_AFTER_MS after the last packet of sound: stop; sound again: a new start.
+    assert clock.due(resumed + STOP_AFTER_MS - 1, 0)[0] != "stop"
+    assert clock.due(resumed + STOP_AFTER_MS, 0) == ("stop", 0)
+    assert clock.due(9000, 480)[0] == "start"
 
 
 def test_buffer_drain_leaves_out_quiet_packets_once_the_client_plays_then_cuts_the_rest():
@@ -240,7 +264,8 @@ class SoundThenSilence(Background):
 def test_a_latency_client_has_its_queue_drained_with_quiet_packets_only(server):
     """spice-gtk (LATENCY cap) starts its pipeline with PLAYBACK_DELAY_MS queued: the server
     leaves out that much less CLIENT_BUFFER_MS, quiet packets only, once the client plays. A
-    client without the cap gets every packet after its start-up."""
+    client without the cap gets every packet from the stream's first, and silence after its
+    end."""
     parts = [(0.5, 1.0), (0.0, 1.5), (0.5, 0.5)]  # media 0-1 s tone, 1-2.5 s silence, then tone
     with audio_client(server, opus=False) as drained_client, \
             audio_client(server, opus=False, latency=False) as whole_client:
@@ -248,14 +273,22 @@ def test_a_latency_client_has_its_queue_drained_with_quiet_packets_only(server):
             for client in (drained_client, whole_client):
                 client.wait_for(lambda c: playback(c, SERVER.PLAYBACK_STOP), timeout=20, what="the stream's end")
         drained = {c.latency_cap: c.drained for c in server._core.audio.channels}
+        filled = {c.latency_cap: c.filled for c in server._core.audio.channels}
     assert [m.latency_ms for m in playback(drained_client, SERVER.PLAYBACK_LATENCY)] == [CLIENT_BUFFER_MS]
     assert not playback(whole_client, SERVER.PLAYBACK_LATENCY)
     start = playback(drained_client, SERVER.PLAYBACK_START)[0].time
     assert playback(whole_client, SERVER.PLAYBACK_START)[0].time == start
     whole = {d.time: d.data for d in playback(whole_client, SERVER.PLAYBACK_DATA)}
+    written = sum(int(seconds * 100) for _, seconds in parts)
+    assert filled[True] == 0 and 0 < filled[False] <= FILL_MS // PACKET_MS  # STOP may cut it
+    stamps = sorted(whole)
+    assert stamps[0] == start and len(stamps) == written + filled[False]  # nothing held back
+    fill = stamps[written:]
+    assert all(not any(whole[t]) for t in fill)
     kept = {d.time for d in playback(drained_client, SERVER.PLAYBACK_DATA)}
-    left_out = sorted(set(whole) - kept)
-    assert kept <= set(whole)
+    settled = {t for t in stamps[:written] if t - start >= SETTLE_MS}
+    left_out = sorted(settled - kept)
+    assert kept <= settled
     assert len(left_out) == (PLAYBACK_DELAY_MS - CLIENT_BUFFER_MS) // PACKET_MS
     # Each left out once the client's pipeline plays (stamps lead media time by the delay),
     # and each one silent: what spice-gtk plays is the tone whole.
@@ -264,13 +297,17 @@ def test_a_latency_client_has_its_queue_drained_with_quiet_packets_only(server):
     assert drained == {True: len(left_out), False: 0}
 
 
-def test_a_short_sound_after_silence_is_sent_late_to_a_latency_client_not_lost(server, monkeypatch):
-    """A 300 ms beep that starts a stream ends inside the first SETTLE_MS, which clients do
-    not get: spice-gtk gets it when settling ends, whole, every packet at the stamp due then; a
-    client without LATENCY still gets none of it. A sound still going at that point loses its
-    start as before."""
+def test_a_short_sound_after_silence_is_sent_late_to_a_latency_client_and_at_once_to_others(server, monkeypatch):
+    """A 300 ms beep that starts a stream ends inside the first SETTLE_MS, which spice-gtk does
+    not get: it gets the beep when settling ends, whole, every packet at the stamp due then. A
+    client without LATENCY (spice-html5) gets it at once, each packet at its own stamp, then
+    silence. A sound still going when settling ends loses its start for spice-gtk, as before."""
     monkeypatch.setattr("spicestream.audio.output.STOP_AFTER_MS", 3000)  # past settling
     beep = (np.sin(2 * np.pi * 440 * np.arange(30 * 480) / RATE) * 8000).astype(np.int16)
+
+    def pcm_of(data):
+        return np.frombuffer(b"".join(d.data for d in data), "<i2").reshape(-1, 2)
+
     with audio_client(server, opus=False) as gtk, audio_client(server, opus=False, latency=False) as html5:
         written = time.monotonic()
         server.audio.write(beep)
@@ -278,16 +315,28 @@ def test_a_short_sound_after_silence_is_sent_late_to_a_latency_client_not_lost(s
         arrived = time.monotonic()
         start = playback(gtk, SERVER.PLAYBACK_START)[0].time
         data = playback(gtk, SERVER.PLAYBACK_DATA)
-        got = np.frombuffer(b"".join(d.data for d in data), "<i2").reshape(-1, 2)
+        got = pcm_of(data)
         assert len(data) == 30 and (got[:, 0] == beep).all() and (got[:, 1] == beep).all()
         stamps = {d.time for d in data}
         assert len(stamps) == 1 and stamps.pop() - start >= SETTLE_MS  # the stamp due when sent
         assert arrived - written >= SETTLE_MS / 1000 * 0.9  # sent when settling ended, not before
         gtk.wait_for(lambda c: playback(c, SERVER.PLAYBACK_STOP), timeout=10, what="the stream's end")
         html5.wait_for(lambda c: playback(c, SERVER.PLAYBACK_STOP), timeout=10, what="the stream's end")
-        assert not playback(html5, SERVER.PLAYBACK_DATA)
+        at_once = playback(html5, SERVER.PLAYBACK_DATA)
+        assert playback(html5, SERVER.PLAYBACK_START)[0].time == start
+        filled = {c.latency_cap: c.filled for c in server._core.audio.channels}
+        assert filled == {True: 0, False: FILL_MS // PACKET_MS}
+        assert len(at_once) == 30 + filled[False]
+        times = [d.time for d in at_once]
+        assert times[:30] == [start + PACKET_MS * i for i in range(30)]  # each at its own time
+        assert times[31:] == [times[30] + PACKET_MS * i for i in range(1, len(times) - 30)]
+        assert times[30] > times[29]  # the silence follows (after a gap, never back)
+        got = pcm_of(at_once)
+        assert (got[:30 * 480, 0] == beep).all() and (got[:30 * 480, 1] == beep).all()
+        assert not got[30 * 480:].any()  # then silence, which pushes the beep's end through
         late = {c.latency_cap: c.late_start for c in server._core.audio.channels}
         assert late == {True: 30, False: 0}
+        assert {c.latency_cap: c.settling for c in server._core.audio.channels} == {True: 0, False: 0}
         # A long sound: still going when settling ends, so its start stays left out. Queued
         # whole at once, so the server's pump alone decides when its packets go.
         monkeypatch.setattr("spicestream.audio.output.MAX_QUEUED_S", 3.0)

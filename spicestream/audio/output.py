@@ -7,8 +7,9 @@ bounded at MAX_QUEUED_S (the oldest go first when a producer runs ahead; a live 
 LIVE_MAX_QUEUED_MS, so a stall does not turn into lasting latency). `PacketClock`
 (pure: fed with `now_ms`) cuts the queue into 10 ms packets at real-time pace: it starts a
 stream when sound arrives, stamps packets 10 ms apart (never backwards, a gap after an
-underrun), and ends the stream after STOP_AFTER_MS of silence, so idle costs nothing. One
-Opus encode per packet serves every client (server/audio.py sends them).
+underrun), pads a pause with FILL_MS of silence packets (clients that need it get them), and
+ends the stream after STOP_AFTER_MS of silence, so idle costs nothing. One Opus encode per
+packet serves every client (server/audio.py sends them).
 """
 
 from __future__ import annotations
@@ -33,6 +34,13 @@ STOP_AFTER_MS = 5000  # no sound for this long: STOP (clients close their audio 
 # PulseAudio suspends an idle sink: a new stream costs the client's start-up (server/audio.py)
 RATES = (44100, 48000)
 QUIET_PEAK = 33  # int16 peak (-60 dBFS) of a packet that can be left out unheard
+# Chromium's Media Source player (spice-html5) keeps ~160 ms of what it was given unplayed
+# until more arrives: without packets after a sound, its end is not heard (and STOP then
+# discards it). So once the application has been quiet for FILL_AFTER_MS (a pause, not a
+# producer's jitter), FILL_MS of silence packets follow at real-time pace, as if it had
+# written them; sound that comes meanwhile takes over at once, so nothing waits behind them.
+FILL_AFTER_MS = 50
+FILL_MS = 300
 DRAIN_OPENS_MS = 1500  # after START: the client's pipeline plays by then (0.7 s measured)
 DRAIN_FORCED_MS = 4000  # after START: no quiet packet came, the rest go in one cut
 
@@ -95,32 +103,41 @@ class PacketClock:
     def __init__(self):
         self.playing = False
         self.next_ms = 0  # the media time of the next packet
-        self.last_sound_ms = 0
+        self.last_sound_ms = 0  # when the last packet of the application's sound went out
+        self.filled_ms = 0  # silence sent since then (FILL_MS at most)
 
     def due(self, now_ms: int, queued_samples: int) -> tuple[str | None, int]:
-        """('start' | 'stop' | None, packets to send now)."""
+        """('start' | 'stop' | 'fill' | None, packets to send now); 'fill': that many packets
+        of silence (sent with `fill=True`)."""
         event = None
+        available = queued_samples // PACKET_SAMPLES
         if not self.playing:
-            if queued_samples < PACKET_SAMPLES:
+            if available == 0:
                 return None, 0
             self.playing, self.next_ms, event = True, now_ms, "start"
-        elif queued_samples < PACKET_SAMPLES:
-            if now_ms - self.last_sound_ms >= STOP_AFTER_MS:
+        elif available == 0:
+            quiet_for = now_ms - self.last_sound_ms
+            if quiet_for >= STOP_AFTER_MS:
                 self.playing = False
                 return "stop", 0
-            return None, 0
+            if quiet_for < FILL_AFTER_MS or self.filled_ms >= FILL_MS:
+                return None, 0
+            event, available = "fill", (FILL_MS - self.filled_ms) // PACKET_MS
         if self.next_ms < now_ms - AHEAD_MS:
             self.next_ms = now_ms  # the producer fell behind: a gap, never time going back
         count = 0
-        while queued_samples >= PACKET_SAMPLES * (count + 1) and self.next_ms + count * PACKET_MS <= now_ms + AHEAD_MS:
+        while count < available and self.next_ms + count * PACKET_MS <= now_ms + AHEAD_MS:
             count += 1
         return event, count
 
-    def sent(self, now_ms: int) -> int:
-        """Stamp (media ms) of the packet going out now."""
+    def sent(self, now_ms: int, fill: bool = False) -> int:
+        """Stamp (media ms) of the packet going out now; `fill`: one of silence."""
         stamp = self.next_ms
         self.next_ms += PACKET_MS
-        self.last_sound_ms = now_ms
+        if fill:
+            self.filled_ms += PACKET_MS
+        else:
+            self.last_sound_ms, self.filled_ms = now_ms, 0
         return stamp
 
 

@@ -10,16 +10,22 @@ the newest.
 
 spice-gtk's audio pipeline takes ~0.7 s after START to begin consuming, and whatever arrives
 before then stays queued ahead of everything after: sound sent at once was heard 817 ms after
-it was written. So the first SETTLE_MS of a stream's packets are not sent (counted as
-"settling"; with 0.9 s, packets still raced the pipeline's start: 2 of 4 runs began 30 ms
-fuller), and a stream stays open through pauses shorter than output.STOP_AFTER_MS. The
-pipeline then starts with PLAYBACK_DELAY_MS queued and keeps it; for a client that announces
-LATENCY (spice-gtk: spice-html5 does not, and times its own buffer from the stamps) a
-`BufferDrain` leaves packets out until CLIENT_BUFFER_MS is left (counted as "drained"), and
-LATENCY says so.
+it was written. So the first SETTLE_MS of a stream's packets are not sent to a client that
+announces LATENCY, which spice-gtk does (counted as "settling"; with 0.9 s, packets still raced
+the pipeline's start: 2 of 4 runs began 30 ms fuller), and a stream stays open through pauses
+shorter than output.STOP_AFTER_MS. The pipeline then starts with PLAYBACK_DELAY_MS queued and
+keeps it; a `BufferDrain` leaves packets out until CLIENT_BUFFER_MS is left (counted as
+"drained"), and LATENCY says so.
+
+spice-html5 does not announce LATENCY and gets every packet at once: Chromium opens its Media
+Source ~10 ms after START and plays from the first packet it gets; held back, the first 1.2 s
+of every stream were simply lost there, and the player kept the same ~360 ms ahead either way
+(measured in headless Chromium). Its player also holds back the last ~160 ms of what it has,
+so after a pause it gets output.FILL_MS of silence packets ("filled") that push a sound's end
+through.
 
 Not sending the first SETTLE_MS would lose a sound shorter than that after a long silence (a
-notification, a bell) whole. So for a LATENCY client those packets are held, and when settling
+notification, a bell) whole. So those packets are held, and when settling
 ends, if the sound has ended meanwhile (no packet for SOUND_ENDED_MS), they are sent then,
 heard SETTLE_MS late rather than never (counted as "late_start"). They all carry the stamp
 that is due then: spice-gtk sets its clock from a stream's first packet and plays the rest as
@@ -64,6 +70,7 @@ SETTLE_MS = 1200  # packets of a new stream not sent while the client's pipeline
 SOUND_ENDED_MS = 150  # no packet for this long when settling ends: a short sound, sent late
 MAX_PENDING = 20  # 200 ms of packets waiting for a client's socket
 TICK_S = 0.005
+SILENCE = np.zeros((PACKET_SAMPLES, CHANNELS), np.int16)
 
 
 class AudioPump:
@@ -77,6 +84,7 @@ class AudioPump:
         self.encoder: OpusEncoder | None = None
         self._timer: asyncio.TimerHandle | None = None
         self.packets = 0
+        self.filled = 0  # of those, silence after a pause (FILL_MS)
         self.encode_s = 0.0
 
     def wake(self) -> None:
@@ -98,17 +106,22 @@ class AudioPump:
         if event == "start":
             for channel in list(self.channels):
                 channel.start_stream(now)
+        fill = event == "fill"
+        takers = [c for c in self.channels if c.takes_fill] if fill else list(self.channels)
+        if not takers:
+            count = 0  # silence nobody wants is not encoded
         for _ in range(count):
-            pcm = self.output.take(PACKET_SAMPLES)
+            pcm = SILENCE if fill else self.output.take(PACKET_SAMPLES)
             if pcm is None:
                 break
-            stamp = self.clock.sent(now) + PLAYBACK_DELAY_MS
-            opus = self._encode(pcm) if any(c.opus for c in self.channels) else None
+            stamp = self.clock.sent(now, fill) + PLAYBACK_DELAY_MS
+            opus = self._encode(pcm) if any(c.opus for c in takers) else None
             raw = pcm.tobytes()
-            quiet = is_quiet(pcm)
+            quiet = fill or is_quiet(pcm)
             self.packets += 1
-            for channel in list(self.channels):
-                channel.send_packet(stamp, opus, raw, quiet)
+            self.filled += fill
+            for channel in takers:
+                channel.send_packet(stamp, opus, raw, quiet, fill)
         if event == "stop":
             for channel in list(self.channels):
                 channel.stop_stream()
@@ -124,7 +137,7 @@ class AudioPump:
         return packet
 
     def stats(self) -> dict:
-        return {"packets": self.packets, "playing": self.clock.playing,
+        return {"packets": self.packets, "filled": self.filled, "playing": self.clock.playing,
                 "encode_ms_per_packet": round(1000 * self.encode_s / max(1, self.packets), 3),
                 **self.output.stats()}
 
@@ -145,6 +158,7 @@ class PlaybackChannel(ChannelHandler):
         self.late_start = 0  # packets of a short sound sent when settling ended
         self.drain: BufferDrain | None = None
         self.drained = 0  # packets left out to shorten the client's queue
+        self.filled = 0  # silence packets sent after a pause
         self.sent = 0
         pump = self.core.audio
         pump.channels.add(self)
@@ -170,10 +184,12 @@ class PlaybackChannel(ChannelHandler):
             self.conn.send(SERVER.PLAYBACK_LATENCY(CLIENT_BUFFER_MS))
             self.drain = BufferDrain(now_ms, PLAYBACK_DELAY_MS - CLIENT_BUFFER_MS)
         self.streaming = True
-        self.settle_until = now_ms + SETTLE_MS
         self._cancel_settle()
-        if self.latency_cap:
+        if self.latency_cap:  # spice-gtk's pipeline (above); spice-html5 plays what it gets
+            self.settle_until = now_ms + SETTLE_MS
             self.settle_timer = asyncio.get_running_loop().call_later(SETTLE_MS / 1000, self._settled)
+        else:
+            self.settle_until = 0
         self.conn.flush()
 
     def _cancel_settle(self) -> None:
@@ -202,9 +218,17 @@ class PlaybackChannel(ChannelHandler):
             self.pending.append(SERVER.PLAYBACK_DATA(stamp, data))
         self.writable()
 
-    def send_packet(self, stamp_ms: int, opus: bytes | None, raw: bytes, quiet: bool = False) -> None:
-        if not self.streaming:
+    @property
+    def takes_fill(self) -> bool:
+        """Whether silence after a pause is sent here: to clients without LATENCY (spice-html5,
+        whose player holds back the end of what it has); spice-gtk plays what it has."""
+        return self.streaming and not self.latency_cap
+
+    def send_packet(self, stamp_ms: int, opus: bytes | None, raw: bytes, quiet: bool = False,
+                    fill: bool = False) -> None:
+        if not self.streaming or (fill and not self.takes_fill):
             return
+        self.filled += fill
         media_ms = stamp_ms - PLAYBACK_DELAY_MS
         self.last_media_ms = media_ms
         data = opus if self.opus else raw
@@ -242,7 +266,8 @@ class PlaybackChannel(ChannelHandler):
 
     def stats(self) -> dict:
         return {"mode": "opus" if self.opus else "raw", "sent": self.sent, "dropped": self.dropped,
-                "settling": self.settling, "late_start": self.late_start, "drained": self.drained}
+                "settling": self.settling, "late_start": self.late_start, "drained": self.drained,
+                "filled": self.filled}
 
 
 class RecordChannel(ChannelHandler):
