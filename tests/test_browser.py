@@ -327,3 +327,69 @@ def test_the_browser_plays_a_short_beep_that_starts_a_stream_to_its_end(browser)
         page.close()
     finally:
         server.stop()
+
+
+# What spice-html5's audio element holds ahead of what it plays, sampled every 100 ms.
+AHEAD_PROBE = """
+window.__ahead = [];
+setInterval(() => {
+    const e = document.querySelector('#spice-screen audio');
+    if (e && e.buffered.length && e.currentTime > 0)
+        window.__ahead.push([e.currentTime, e.buffered.end(e.buffered.length - 1)]);
+}, 100);
+"""
+
+
+def test_the_browser_holds_less_sound_ahead_once_quiet_packets_are_left_out(browser):
+    """Chromium starts spice-html5's sound with ~350 ms buffered and keeps that much; the
+    server leaves out BROWSER_DRAIN_MS of quiet packets once it plays, and the player, which
+    times packets 10 ms apart whatever their stamps, then holds that much less ahead."""
+    import threading
+
+    from spicestream.audio.output import DRAIN_OPENS_MS
+    from spicestream.server.audio import BROWSER_DRAIN_MS
+
+    server = spicestream.Server(port=0, width=W, height=H, web=True, streaming_video="off").start()
+    stop = threading.Event()
+
+    def tone():  # 440 Hz with 200 ms of silence each second, 10 ms pieces paced by deadline
+        start, n = time.monotonic(), 0
+        while not stop.is_set():
+            level = 0.0 if (n // 480) % 100 >= 80 else 0.3
+            server.audio.write((np.sin(2 * np.pi * 440 * np.arange(n, n + 480) / 48000) * level).astype(np.float32))
+            n += 480
+            stop.wait(max(0.0, start + n / 48000 - time.monotonic()))
+
+    player = threading.Thread(target=tone, daemon=True)
+    try:
+        server.display.update(picture())
+        page = browser.new_page(viewport={"width": 800, "height": 600})
+        page.add_init_script(AHEAD_PROBE)
+        page.goto(f"http://localhost:{server.port}/")
+        page.wait_for_selector("#spice-screen canvas", timeout=15000)
+        if not page.evaluate("MediaSource.isTypeSupported('audio/webm; codecs=\"opus\"')"):
+            pytest.skip("this Chromium cannot play Opus in WebM (spice-html5 then opens no sound)")
+        deadline = time.monotonic() + 15
+        while not server._core.audio.channels and time.monotonic() < deadline:
+            time.sleep(0.05)
+        channel = next(iter(server._core.audio.channels))
+        player.start()
+        drained_at = None
+        while time.monotonic() < deadline:
+            if drained_at is None and channel.drained == BROWSER_DRAIN_MS // 10:
+                drained_at = time.monotonic()
+            if drained_at is not None and time.monotonic() - drained_at > 3:
+                break
+            time.sleep(0.1)
+        assert channel.drained == BROWSER_DRAIN_MS // 10 and channel.settling == 0, channel.stats()
+        samples = page.evaluate("window.__ahead")
+        # Before the drain opens (media time, while the player has played less than that) and
+        # over the last 2 s: what the player held ahead of its position, in ms.
+        before = [1000 * (end - t) for t, end in samples if 0.2 < t < DRAIN_OPENS_MS / 1000 - 0.5]
+        after = [1000 * (end - t) for t, end in samples[-20:]]
+        assert len(before) >= 3 and len(after) == 20, samples
+        assert np.median(before) - np.median(after) >= BROWSER_DRAIN_MS * 0.3, (before, after)
+        page.close()
+    finally:
+        stop.set()
+        server.stop()
