@@ -118,6 +118,22 @@ def test_packet_clock_starts_steps_fills_a_pause_and_stops():
     assert clock.due(9000, 480)[0] == "start"
 
 
+def test_packet_clock_says_when_it_is_next_due():
+    clock = PacketClock()
+    assert clock.next_due(1000, 480 * 10) is None  # not playing: the write that starts it wakes us
+    event, count = clock.due(1000, 480 * 10)
+    [clock.sent(1000) for _ in range(count)]
+    upcoming = 1000 + count * PACKET_MS
+    assert clock.next_due(1000, 480 * 7) == upcoming - AHEAD_MS - 1000  # the next packet's turn
+    assert clock.next_due(upcoming, 480 * 7) == 1  # late: at once, never 0 (no busy loop)
+    assert clock.next_due(1000, 0) == FILL_AFTER_MS  # nothing queued: when a fill would start
+    assert clock.due(1000 + FILL_AFTER_MS, 0)[0] == "fill"
+    clock.skip_fill()  # nobody takes silence: the next thing due is STOP
+    assert clock.next_due(1000 + FILL_AFTER_MS, 0) == STOP_AFTER_MS - FILL_AFTER_MS
+    assert clock.due(1000 + STOP_AFTER_MS, 0) == ("stop", 0)
+    assert clock.next_due(1000 + STOP_AFTER_MS, 0) is None
+
+
 def test_buffer_drain_leaves_out_quiet_packets_once_the_client_plays_then_cuts_the_rest():
     drain = BufferDrain(1000, 100)
     opens = 1000 + DRAIN_OPENS_MS
@@ -348,6 +364,20 @@ def test_a_short_sound_after_silence_is_sent_late_to_a_latency_client_and_at_onc
         assert len({d.time for d in later}) == len(later)  # one stamp each: none were held
         assert min(d.time for d in later) - second >= SETTLE_MS
         assert {c.latency_cap: c.late_start for c in server._core.audio.channels} == {True: 30, False: 0}
+
+
+def test_the_pump_wakes_once_a_packet_not_on_a_fixed_tick(server, monkeypatch):
+    """A second of sound queued at once and the quiet until STOP: the pump runs about once a
+    packet (a 5 ms tick ran twice a packet and 60 times in the 300 ms before STOP)."""
+    monkeypatch.setattr("spicestream.audio.output.MAX_QUEUED_S", 3.0)
+    pump = server._core.audio
+    with audio_client(server, opus=False) as client:
+        runs = pump.runs
+        server.audio.write(tone(440.0, 0, RATE))
+        client.wait_for(lambda c: playback(c, SERVER.PLAYBACK_STOP), timeout=10, what="the stream's end")
+        runs = pump.runs - runs
+    assert pump.packets == 100 and pump.filled == 0  # spice-gtk takes no silence
+    assert runs <= 1.2 * pump.packets + 5, runs
 
 
 def test_a_stalled_client_keeps_only_the_newest_packets(server):

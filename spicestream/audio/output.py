@@ -130,6 +130,26 @@ class PacketClock:
             count += 1
         return event, count
 
+    def next_due(self, now_ms: int, queued_samples: int) -> int | None:
+        """Milliseconds until `due` has something to do if no samples arrive meanwhile (a
+        write wakes the pump anyway); None: nothing until they do."""
+        if not self.playing:
+            return None
+        if queued_samples >= PACKET_SAMPLES:
+            return max(1, self.next_ms - AHEAD_MS - now_ms)
+        quiet_for = now_ms - self.last_sound_ms
+        wait = STOP_AFTER_MS - quiet_for
+        if self.filled_ms < FILL_MS:
+            if quiet_for < FILL_AFTER_MS:
+                wait = min(wait, FILL_AFTER_MS - quiet_for)
+            else:
+                wait = min(wait, self.next_ms - AHEAD_MS - now_ms)
+        return max(1, wait)
+
+    def skip_fill(self) -> None:
+        """No client takes silence now: this pause gets none."""
+        self.filled_ms = FILL_MS
+
     def sent(self, now_ms: int, fill: bool = False) -> int:
         """Stamp (media ms) of the packet going out now; `fill`: one of silence."""
         stamp = self.next_ms

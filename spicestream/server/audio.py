@@ -74,7 +74,6 @@ BROWSER_DRAIN_MS = 100
 SETTLE_MS = 1200  # packets of a new stream not sent while the client's pipeline starts
 SOUND_ENDED_MS = 150  # no packet for this long when settling ends: a short sound, sent late
 MAX_PENDING = 20  # 200 ms of packets waiting for a client's socket
-TICK_S = 0.005
 SILENCE = np.zeros((PACKET_SAMPLES, CHANNELS), np.int16)
 
 
@@ -90,11 +89,14 @@ class AudioPump:
         self._timer: asyncio.TimerHandle | None = None
         self.packets = 0
         self.filled = 0  # of those, silence after a pause (FILL_MS)
+        self.runs = 0  # times the pump ran: its wake-ups
         self.encode_s = 0.0
 
     def wake(self) -> None:
-        if self._timer is None:
-            self._timer = asyncio.get_running_loop().call_soon(self.pump)
+        """Samples arrived: pump now (a timer set for later is replaced)."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_soon(self.pump)
 
     def reset(self) -> None:
         """The server stopped: forget the loop's timer and the stream (queued sound stays)."""
@@ -106,6 +108,7 @@ class AudioPump:
 
     def pump(self) -> None:
         self._timer = None
+        self.runs += 1
         now = self.core.mm_ms(self.core.clock())
         event, count = self.clock.due(now, self.output.queued)
         if event == "start":
@@ -113,8 +116,9 @@ class AudioPump:
                 channel.start_stream(now)
         fill = event == "fill"
         takers = [c for c in self.channels if c.takes_fill] if fill else list(self.channels)
-        if not takers:
+        if fill and not takers:
             count = 0  # silence nobody wants is not encoded
+            self.clock.skip_fill()
         for _ in range(count):
             pcm = SILENCE if fill else self.output.take(PACKET_SAMPLES)
             if pcm is None:
@@ -130,8 +134,11 @@ class AudioPump:
         if event == "stop":
             for channel in list(self.channels):
                 channel.stop_stream()
-        if self.clock.playing:
-            self._timer = asyncio.get_running_loop().call_later(TICK_S, self.pump)
+        # Woken again when the next packet, silence or STOP is due, or by a write: not on a
+        # fixed tick (a 5 ms one cost 200 wake-ups a second, 1000 in each stream's last 5 s).
+        delay_ms = self.clock.next_due(now, self.output.queued)
+        if delay_ms is not None:
+            self._timer = asyncio.get_running_loop().call_later(delay_ms / 1000, self.pump)
 
     def _encode(self, pcm: np.ndarray) -> bytes:
         if self.encoder is None:
@@ -142,7 +149,8 @@ class AudioPump:
         return packet
 
     def stats(self) -> dict:
-        return {"packets": self.packets, "filled": self.filled, "playing": self.clock.playing,
+        return {"packets": self.packets, "filled": self.filled, "pump_runs": self.runs,
+                "playing": self.clock.playing,
                 "encode_ms_per_packet": round(1000 * self.encode_s / max(1, self.packets), 3),
                 **self.output.stats()}
 
