@@ -221,3 +221,102 @@ def test_modes_made_for_passing_sizes_do_not_pile_up(tmp_path):
     finally:
         resizer.close()
         served.close()
+
+
+class IncrOwner:
+    """An X application that owns CLIPBOARD and answers UTF8_STRING in INCR pieces (ICCCM
+    2.7.2): the next piece each time the requestor deletes the property. `pieces` yields
+    them; one that never ends is an owner that waits for ever (as xclip does)."""
+
+    def __init__(self, display: str, pieces):
+        import xcffib
+        import xcffib.xproto
+
+        self.xp, self.pieces = xcffib.xproto, pieces
+        self.conn = xcffib.connect(display=display)
+        screen = self.conn.get_setup().roots[0]
+        self.window = self.conn.generate_id()
+        self.conn.core.CreateWindow(0, self.window, screen.root, -1, -1, 1, 1, 0, self.xp.WindowClass.InputOnly,
+                                    screen.root_visual, 0, [])
+        self.atom = {n: self.conn.core.InternAtom(False, len(n), n).reply().atom
+                     for n in ("CLIPBOARD", "TARGETS", "UTF8_STRING", "INCR", "ATOM")}
+        self.transfers: dict = {}  # (requestor, property) -> piece iterator
+        self.written = 0  # pieces written
+        self.stop = threading.Event()
+        self.conn.core.SetSelectionOwner(self.window, self.atom["CLIPBOARD"], 0)
+        self.conn.flush()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while not self.stop.is_set():
+            event = self.conn.poll_for_event()
+            if event is None:
+                self.stop.wait(0.005)
+            elif isinstance(event, self.xp.SelectionRequestEvent):
+                self._answer(event)
+            elif isinstance(event, self.xp.PropertyNotifyEvent) and event.state == self.xp.Property.Delete:
+                pieces = self.transfers.get((event.window, event.atom))
+                if pieces is not None:
+                    piece = next(pieces, b"")
+                    self._set(event.window, event.atom, self.atom["UTF8_STRING"], 8, piece)
+                    self.written += 1
+                    if not piece:
+                        del self.transfers[(event.window, event.atom)]
+            self.conn.flush()
+
+    def _set(self, window, prop, kind, fmt, data: bytes):
+        count = len(data) // (fmt // 8)
+        self.conn.core.ChangeProperty(self.xp.PropMode.Replace, window, prop, kind, fmt, count, data)
+
+    def _answer(self, event):
+        if event.target == self.atom["TARGETS"]:
+            self._set(event.requestor, event.property, self.atom["ATOM"], 32,
+                      np.array([self.atom["UTF8_STRING"]], "<u4").tobytes())
+        else:
+            self.conn.core.ChangeWindowAttributes(event.requestor, self.xp.CW.EventMask,
+                                                  [self.xp.EventMask.PropertyChange])
+            self.transfers[(event.requestor, event.property)] = iter(self.pieces)
+            self._set(event.requestor, event.property, self.atom["INCR"], 32, np.array([1 << 20], "<u4").tobytes())
+        notify = self.xp.SelectionNotifyEvent.synthetic(event.time, event.requestor, event.selection,
+                                                        event.target, event.property)
+        self.conn.core.SendEvent(False, event.requestor, 0, notify.pack())
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(5)
+        self.conn.disconnect()
+
+
+def test_a_given_up_incr_transfer_does_not_leak_into_the_next(tmp_path, caplog):
+    """An owner whose INCR transfer runs past max_clipboard is given up, and goes on waiting to
+    write its next piece whenever the property it was given is deleted. The next owner's INCR
+    transfer must bring its own text, whole: none of the first owner's pieces."""
+    import itertools
+
+    from spicestream.sources.x11clip import X11ClipboardBridge
+
+    caplog.set_level(logging.INFO, logger="spicestream.x11clip")
+    x = xclient.XSession(320, 240, log_dir=tmp_path).start()
+    server = spicestream.Server(port=0, width=320, height=240, max_clipboard=16384)
+    got = queue.Queue()
+    server.set_clipboard = lambda data, mime, selection: got.put((bytes(data), mime, selection))
+    bridge = X11ClipboardBridge(x.display, server, 16384)
+    owners = []
+    try:
+        leaky = IncrOwner(x.display, itertools.repeat(b"LEAK" * 2048))  # 8 KiB pieces, no end
+        owners.append(leaky)
+        xclient.wait_until(lambda: any("over 16384 bytes" in r.getMessage() for r in caplog.records),
+                           WAIT_S, 0.05, "the first transfer given up")
+        assert got.empty()
+        written = leaky.written
+        good = b"".join(b"good %05d\n" % i for i in range(1200))  # 12 KiB in 2 KiB pieces
+        owners.append(IncrOwner(x.display, [good[i:i + 2048] for i in range(0, len(good), 2048)]))
+        data, mime, selection = got.get(timeout=WAIT_S)
+        assert (data == good, mime, selection) == (True, "text/plain;charset=utf-8", "clipboard"), data[:64]
+        assert leaky.written == written  # nothing made it write again
+    finally:
+        for owner in owners:
+            owner.close()
+        bridge.close()
+        x.close()

@@ -9,6 +9,12 @@ roles:
     or PNG is fetched (INCR included, bounded by the server's max_clipboard) and handed to
     server.set_clipboard, which offers it to every client.
 Requests from the server thread reach the bridge's thread through a pipe.
+
+Each fetch reads a property of its own on our window, the one of FETCH_SLOTS written least
+recently. A fetch we give up (too big, too slow) leaves its owner waiting to write its next
+INCR piece whenever that property is deleted (some, like xclip, wait for ever), or to answer
+late: in a property shared by all fetches, that would land in a later transfer. So a given-up
+fetch's property is retired, and its slot gets a new name.
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ SELECTIONS = ("CLIPBOARD", "PRIMARY")
 FETCH_TIMEOUT_S = 5.0
 INCR_TIMEOUT_S = 10.0
 MAX_PIECE = 256 << 10
-PROPERTY = "SPICESTREAM_SELECTION"
+FETCH_SLOTS = 4
+MAX_FETCH_NAMES = 256  # names retired past this many are used again (a leak stays bounded)
 
 
 class X11ClipboardBridge:
@@ -50,7 +57,7 @@ class X11ClipboardBridge:
         self.conn.core.CreateWindow(0, self.window, screen.root, -1, -1, 1, 1, 0,
                                     self.xp.WindowClass.InputOnly, screen.root_visual,
                                     self.xp.CW.EventMask, [self.xp.EventMask.PropertyChange])
-        names = SELECTIONS + TEXT_TARGETS + (PNG, "TARGETS", "TIMESTAMP", "INCR", "ATOM", "INTEGER", PROPERTY)
+        names = SELECTIONS + TEXT_TARGETS + (PNG, "TARGETS", "TIMESTAMP", "INCR", "ATOM", "INTEGER")
         cookies = {n: self.conn.core.InternAtom(False, len(n), n) for n in names}
         self.atom = {n: c.reply().atom for n, c in cookies.items()}
         self.name_of = {a: n for n, a in self.atom.items()}
@@ -64,6 +71,9 @@ class X11ClipboardBridge:
         self.max_piece = min(MAX_PIECE, self.conn.get_maximum_request_length() * 4 - 1024)
         self.owned: dict[int, tuple[str, bytes]] = {}  # selection atom -> (mime, data) we offer
         self.fetch: dict | None = None  # the transfer we are reading from another owner
+        # A fetch slot's property atom -> when someone last wrote it (monotonic; 0: never).
+        self._names = 0
+        self.written: dict[int, float] = {self._fetch_property(): 0.0 for _ in range(FETCH_SLOTS)}
         self.pending_fetch: list[int] = []
         self.sending: dict[tuple[int, int], dict] = {}  # (requestor, property) -> INCR state
         self._wake_r, self._wake_w = os.pipe()
@@ -215,19 +225,34 @@ class X11ClipboardBridge:
             self._set(event.window, event.atom, state["kind"], 8, piece, len(piece))
             if not piece:
                 del self.sending[key]
-        elif (not deleted and self.fetch is not None and self.fetch.get("incr")
-              and event.window == self.window and event.atom == self.atom[PROPERTY]):
-            self._read_incr_piece()
+        elif not deleted and event.window == self.window and event.atom in self.written:
+            self.written[event.atom] = time.monotonic()
+            fetch = self.fetch
+            if fetch is not None and fetch.get("incr") and event.atom == fetch["property"]:
+                self._read_incr_piece()
 
     # -- requestor: fetching what an X application copied ------------------------------------------
+    def _fetch_property(self) -> int:
+        name = f"SPICESTREAM_SELECTION_{self._names % MAX_FETCH_NAMES}"
+        self._names += 1
+        return self.conn.core.InternAtom(False, len(name), name).reply().atom
+
+    def _retire(self, prop: int) -> None:
+        """`prop`'s fetch was given up: its owner may still write it; later fetches use
+        another."""
+        if self.written.pop(prop, None) is not None:
+            self.written[self._fetch_property()] = 0.0
+
     def _queue_fetch(self, selection: int, timestamp: int) -> None:
         if self.fetch is not None:
             if selection not in self.pending_fetch:
                 self.pending_fetch.append(selection)
             return
-        self.fetch = {"selection": selection, "stage": "targets", "time": timestamp,
+        prop = min(self.written, key=self.written.get)  # quiet longest: no owner is writing it
+        self.written[prop] = time.monotonic()
+        self.fetch = {"selection": selection, "stage": "targets", "time": timestamp, "property": prop,
                       "deadline": time.monotonic() + FETCH_TIMEOUT_S}
-        self.conn.core.ConvertSelection(self.window, selection, self.atom["TARGETS"], self.atom[PROPERTY], timestamp)
+        self.conn.core.ConvertSelection(self.window, selection, self.atom["TARGETS"], prop, timestamp)
 
     def _fetched(self, event) -> None:
         fetch = self.fetch
@@ -236,7 +261,9 @@ class X11ClipboardBridge:
         if event.property == 0:
             self._fetch_done(None)
             return
-        reply = self.conn.core.GetProperty(True, self.window, self.atom[PROPERTY], 0, 0,
+        if event.property != fetch["property"]:
+            return  # an answer to a fetch given up before: not ours to read
+        reply = self.conn.core.GetProperty(True, self.window, fetch["property"], 0, 0,
                                            (self.max_bytes + 3) // 4 + 1).reply()
         if fetch["stage"] == "targets":
             atoms = set(struct.unpack(f"={len(reply.value.buf()) // 4}I", reply.value.buf()[: len(reply.value.buf()) // 4 * 4]))
@@ -247,7 +274,7 @@ class X11ClipboardBridge:
                 return
             fetch.update(stage="data", target=target, mime=PNG if target == PNG else MIME_TEXT)
             self.conn.core.ConvertSelection(self.window, fetch["selection"], self.atom[target],
-                                            self.atom[PROPERTY], fetch["time"])
+                                            fetch["property"], fetch["time"])
             return
         if reply.type == self.atom["INCR"]:
             fetch.update(incr=True, data=bytearray())
@@ -259,7 +286,7 @@ class X11ClipboardBridge:
 
     def _read_incr_piece(self) -> None:
         fetch = self.fetch
-        reply = self.conn.core.GetProperty(True, self.window, self.atom[PROPERTY], 0, 0,
+        reply = self.conn.core.GetProperty(True, self.window, fetch["property"], 0, 0,
                                            (self.max_bytes + 3) // 4 + 1).reply()
         piece = reply.value.buf()
         if not piece:
@@ -276,6 +303,7 @@ class X11ClipboardBridge:
         selection = self.name_of.get(fetch["selection"], "?").lower()
         if why:
             log.info("X %s selection not sent to clients: %s", selection, why)
+            self._retire(fetch["property"])
         elif data is not None and fetch.get("mime"):
             if fetch["mime"] == MIME_TEXT and fetch["target"] == "STRING":
                 data = data.decode("latin-1").encode()
