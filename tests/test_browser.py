@@ -251,6 +251,25 @@ SourceBuffer.prototype.appendBuffer = function (data) {
 """
 
 
+def sound_page(browser, server, probe: str, wait_for_channel: bool = True):
+    """spice-html5 on `server`'s picture with `probe` run first in the page; skips where this
+    Chromium cannot play Opus in WebM. Returns (page, its playback channel or None)."""
+    server.display.update(picture())
+    page = browser.new_page(viewport={"width": 800, "height": 600})
+    page.add_init_script(probe)
+    page.goto(f"http://localhost:{server.port}/")
+    page.wait_for_selector("#spice-screen canvas", timeout=15000)
+    if not page.evaluate("MediaSource.isTypeSupported('audio/webm; codecs=\"opus\"')"):
+        pytest.skip("this Chromium cannot play Opus in WebM (spice-html5 then opens no sound)")
+    if not wait_for_channel:
+        return page, None
+    deadline = time.monotonic() + 15
+    while not server._core.audio.channels and time.monotonic() < deadline:
+        time.sleep(0.05)  # sound goes to a playback channel that is there to start its stream
+    assert server._core.audio.channels, "spice-html5 opened no playback channel"
+    return page, next(iter(server._core.audio.channels))
+
+
 def test_the_browser_plays_opus_sound(browser):
     import threading
 
@@ -266,14 +285,7 @@ def test_the_browser_plays_opus_sound(browser):
 
     player = threading.Thread(target=tone, daemon=True)
     try:
-        server.display.update(picture())
-        page = browser.new_page(viewport={"width": 800, "height": 600})
-        page.add_init_script(AUDIO_PROBE)
-        page.goto(f"http://localhost:{server.port}/")
-        page.wait_for_selector("#spice-screen canvas", timeout=15000)
-        supported = page.evaluate("MediaSource.isTypeSupported('audio/webm; codecs=\"opus\"')")
-        if not supported:
-            pytest.skip("this Chromium cannot play Opus in WebM (spice-html5 then opens no sound)")
+        page, _ = sound_page(browser, server, AUDIO_PROBE, wait_for_channel=False)
         player.start()
         deadline = time.monotonic() + 20
         state = {}
@@ -301,17 +313,8 @@ def test_the_browser_plays_a_short_beep_that_starts_a_stream_to_its_end(browser)
     server = spicestream.Server(port=0, width=W, height=H, web=True, streaming_video="off").start()
     beep_s = 0.3
     try:
-        server.display.update(picture())
-        page = browser.new_page(viewport={"width": 800, "height": 600})
-        page.add_init_script(AUDIO_PROBE)
-        page.goto(f"http://localhost:{server.port}/")
-        page.wait_for_selector("#spice-screen canvas", timeout=15000)
-        if not page.evaluate("MediaSource.isTypeSupported('audio/webm; codecs=\"opus\"')"):
-            pytest.skip("this Chromium cannot play Opus in WebM (spice-html5 then opens no sound)")
+        page, _ = sound_page(browser, server, AUDIO_PROBE)
         deadline = time.monotonic() + 15
-        while not server._core.audio.channels and time.monotonic() < deadline:
-            time.sleep(0.05)  # the beep goes to a playback channel that is there to start it
-        assert server._core.audio.channels, "spice-html5 opened no playback channel"
         n = int(beep_s * 48000)
         server.audio.write((np.sin(2 * np.pi * 440 * np.arange(n) / 48000) * 0.3).astype(np.float32))
         played, state = 0.0, {}
@@ -362,17 +365,8 @@ def test_the_browser_holds_less_sound_ahead_once_quiet_packets_are_left_out(brow
 
     player = threading.Thread(target=tone, daemon=True)
     try:
-        server.display.update(picture())
-        page = browser.new_page(viewport={"width": 800, "height": 600})
-        page.add_init_script(AHEAD_PROBE)
-        page.goto(f"http://localhost:{server.port}/")
-        page.wait_for_selector("#spice-screen canvas", timeout=15000)
-        if not page.evaluate("MediaSource.isTypeSupported('audio/webm; codecs=\"opus\"')"):
-            pytest.skip("this Chromium cannot play Opus in WebM (spice-html5 then opens no sound)")
+        page, channel = sound_page(browser, server, AHEAD_PROBE)
         deadline = time.monotonic() + 15
-        while not server._core.audio.channels and time.monotonic() < deadline:
-            time.sleep(0.05)
-        channel = next(iter(server._core.audio.channels))
         player.start()
         drained_at = None
         while time.monotonic() < deadline:
