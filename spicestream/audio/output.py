@@ -178,6 +178,10 @@ class BufferDrain:
         self.left = max(0, amount_ms // PACKET_MS)  # packets still to leave out
         self.dropped = 0
 
+    def extend(self, amount_ms: int) -> None:
+        """Take the client's buffer down by `amount_ms` more (sound queued behind a burst)."""
+        self.left += max(0, -(-amount_ms // PACKET_MS))
+
     def leave_out(self, packet_ms: int, quiet: bool) -> bool:
         """Whether the packet playing at media time `packet_ms` is left out."""
         if self.left == 0:

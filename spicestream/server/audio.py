@@ -30,7 +30,9 @@ ends, if the sound has ended meanwhile (no packet for SOUND_ENDED_MS), they are 
 heard SETTLE_MS late rather than never (counted as "late_start"). They all carry the stamp
 that is due then: spice-gtk sets its clock from a stream's first packet and plays the rest as
 they come, so the picture's clock stays right and stamps never go back. Sound still playing
-when settling ends loses its start, as before: it goes on without it at low latency.
+when settling ends loses its start, as before: it goes on without it at low latency. Sound
+that follows while the client still plays such a burst queues behind it; the drain then
+leaves out that much more ("overlap").
 """
 
 from __future__ import annotations
@@ -169,6 +171,8 @@ class PlaybackChannel(ChannelHandler):
         self.settle_timer: asyncio.TimerHandle | None = None
         self.last_media_ms: int | None = None  # the newest packet's media time
         self.late_start = 0  # packets of a short sound sent when settling ended
+        self.burst_ends_ms: int | None = None  # media time the client ends playing that burst
+        self.overlap = 0  # packets of later sound that queued behind the burst
         self.drain: BufferDrain | None = None
         self.drained = 0  # packets left out to shorten the client's queue
         self.filled = 0  # silence packets sent after a pause
@@ -214,6 +218,7 @@ class PlaybackChannel(ChannelHandler):
             self.settle_timer.cancel()
             self.settle_timer = None
         self.held.clear()
+        self.burst_ends_ms = None
 
     def _settled(self) -> None:
         """Settling is over: a short sound held meanwhile is sent now, at the stamp due now."""
@@ -227,6 +232,7 @@ class PlaybackChannel(ChannelHandler):
         stamp = wire_stamp(now_ms + PLAYBACK_DELAY_MS)
         self.settling -= len(held)
         self.late_start += len(held)
+        self.burst_ends_ms = now_ms + len(held) * PACKET_MS
         for data in held:
             if len(self.pending) == self.pending.maxlen:
                 self.writable()  # the burst goes out as the socket takes it
@@ -254,6 +260,12 @@ class PlaybackChannel(ChannelHandler):
             if self.settle_timer is not None:
                 self.held.append(data)
             return
+        if self.burst_ends_ms is not None:  # the first packet after a late-start burst
+            behind = -(-(self.burst_ends_ms - media_ms) // PACKET_MS)
+            self.burst_ends_ms = None
+            if behind > 0 and self.drain is not None:
+                self.overlap += behind
+                self.drain.extend(behind * PACKET_MS)
         if self.drain is not None and self.drain.leave_out(media_ms, quiet):
             self.drained += 1
             return
@@ -284,7 +296,7 @@ class PlaybackChannel(ChannelHandler):
     def stats(self) -> dict:
         return {"mode": "opus" if self.opus else "raw", "sent": self.sent, "dropped": self.dropped,
                 "settling": self.settling, "late_start": self.late_start, "drained": self.drained,
-                "filled": self.filled}
+                "filled": self.filled, "overlap": self.overlap}
 
 
 class RecordChannel(ChannelHandler):
