@@ -176,7 +176,6 @@ class BufferDrain:
     def __init__(self, start_ms: int, amount_ms: int):
         self.start_ms = start_ms
         self.left = max(0, amount_ms // PACKET_MS)  # packets still to leave out
-        self.dropped = 0
 
     def extend(self, amount_ms: int) -> None:
         """Take the client's buffer down by `amount_ms` more (sound queued behind a burst)."""
@@ -190,7 +189,6 @@ class BufferDrain:
         if age < DRAIN_OPENS_MS or not (quiet or age >= DRAIN_FORCED_MS):
             return False
         self.left -= 1
-        self.dropped += 1
         return True
 
 
