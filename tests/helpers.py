@@ -108,3 +108,23 @@ def metrics_text(server) -> str:
     registry = prometheus_client.CollectorRegistry(auto_describe=False)
     registry.register(StatsCollector(server))
     return prometheus_client.generate_latest(registry).decode()
+
+
+class X11Export:
+    """spicestream's X11 source exporting a running X server (`x`, started) to `server`, its
+    capture loop in a thread of its own, as `spicestream serve --source x11` runs it."""
+
+    def __init__(self, x, server, view_only: bool = False, fps: float = 30):
+        import threading
+
+        from spicestream.sources.x11 import X11Source
+
+        self.source = X11Source(x.display, server, view_only=view_only, fps=fps)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.source.run, args=(self.stop,), daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.source.close()

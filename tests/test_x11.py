@@ -17,6 +17,7 @@ from spicestream.protocol.messages import SERVER
 from spicestream.testing.client import TestClient
 
 import xclient
+from helpers import X11Export
 from test_remote_viewer_streams import JOIN_BOUND_S, base_frame, locate, seconds_to_picture
 
 pytestmark = pytest.mark.skipif(
@@ -37,15 +38,11 @@ class Served:
         self.x.start()
         options = {"streaming_video": "off", **server_options}
         self.server = spicestream.Server(port=0, width=64, height=64, **options).start()
-        self.source = X11Source(self.x.display, self.server, view_only=view_only, fps=30)
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.source.run, args=(self.stop,), daemon=True)
-        self.thread.start()
+        self.export = X11Export(self.x, self.server, view_only=view_only)
+        self.source = self.export.source
 
     def close(self):
-        self.stop.set()
-        self.thread.join(5)
-        self.source.close()
+        self.export.close()
         self.server.stop()
         self.x.close()
 

@@ -19,15 +19,16 @@ import spicestream
 
 try:
     from . import xclient
+    from .helpers import X11Export
 except ImportError:
     import xclient
+    from helpers import X11Export
 
 _missing = xclient.missing_tools(xclient.REQUIRED_TOOLS + ("xclip", "xdpyinfo"))
 if _missing:
     pytest.skip(f"needs {', '.join(_missing)}", allow_module_level=True)
 pytest.importorskip("xcffib")
 
-from spicestream.sources.x11 import X11Source  # noqa: E402
 
 pytestmark = [pytest.mark.realclient, pytest.mark.timeout(150)]
 WAIT_S = 20.0
@@ -40,7 +41,8 @@ class ServedDesktop:
     def __init__(self, tmp_path, served: xclient.XSession, viewer_size=(1280, 1024)):
         self.x = served.start()
         self.server = spicestream.Server(port=0, width=64, height=64, streaming_video="off").start()
-        self.source = X11Source(self.x.display, self.server, fps=30)
+        self.export = X11Export(self.x, self.server)
+        self.source = self.export.source
         self.requests: queue.Queue = queue.Queue()
         follow = self.server.on_resize
 
@@ -48,9 +50,6 @@ class ServedDesktop:
             self.requests.put((width, height))
             follow(width, height)
         self.server.on_resize = recorded
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.source.run, args=(self.stop,), daemon=True)
-        self.thread.start()
         self.client = xclient.XSession(*viewer_size, log_dir=tmp_path / "client").start()
         self.viewer = self.client.start_viewer(f"spice://127.0.0.1:{self.server.port}")
         self.window = self.client.find_window(self.viewer)
@@ -85,9 +84,7 @@ class ServedDesktop:
 
     def close(self):
         self.client.close()
-        self.stop.set()
-        self.thread.join(5)
-        self.source.close()
+        self.export.close()
         self.server.stop()
         self.x.close()
 
