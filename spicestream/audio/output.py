@@ -38,7 +38,8 @@ QUIET_PEAK = 33  # int16 peak (-60 dBFS) of a packet that can be left out unhear
 # until more arrives: without packets after a sound, its end is not heard (and STOP then
 # discards it). So once the application has been quiet for FILL_AFTER_MS (a pause, not a
 # producer's jitter), FILL_MS of silence packets follow at real-time pace, as if it had
-# written them; sound that comes meanwhile takes over at once, so nothing waits behind them.
+# written them; sound that comes meanwhile goes on right after the silence already sent (at
+# most AHEAD_MS ahead of its time), so nothing waits behind more of it.
 FILL_AFTER_MS = 50
 FILL_MS = 300
 DRAIN_OPENS_MS = 1500  # after START: the client's pipeline plays by then (0.7 s measured)

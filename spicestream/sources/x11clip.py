@@ -233,9 +233,14 @@ class X11ClipboardBridge:
 
     # -- requestor: fetching what an X application copied ------------------------------------------
     def _fetch_property(self) -> int:
-        name = f"SPICESTREAM_SELECTION_{self._names % MAX_FETCH_NAMES}"
-        self._names += 1
-        return self.conn.core.InternAtom(False, len(name), name).reply().atom
+        """A property name no slot uses (names cycle after MAX_FETCH_NAMES)."""
+        in_use = getattr(self, "written", {})
+        while True:
+            name = f"SPICESTREAM_SELECTION_{self._names % MAX_FETCH_NAMES}"
+            self._names += 1
+            atom = self.conn.core.InternAtom(False, len(name), name).reply().atom
+            if atom not in in_use:
+                return atom
 
     def _retire(self, prop: int) -> None:
         """`prop`'s fetch was given up: its owner may still write it; later fetches use
