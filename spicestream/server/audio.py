@@ -249,7 +249,9 @@ class PlaybackChannel(ChannelHandler):
 
     def send_packet(self, stamp_ms: int, opus: bytes | None, raw: bytes, quiet: bool = False,
                     fill: bool = False) -> None:
-        if not self.streaming or (fill and not self.takes_fill):
+        """One packet; `fill`: silence after a pause, which the pump gives `takes_fill` channels
+        only."""
+        if not self.streaming:
             return
         self.filled += fill
         media_ms = stamp_ms - PLAYBACK_DELAY_MS

@@ -73,7 +73,9 @@ class X11ClipboardBridge:
         self.fetch: dict | None = None  # the transfer we are reading from another owner
         # A fetch slot's property atom -> when someone last wrote it (monotonic; 0: never).
         self._names = 0
-        self.written: dict[int, float] = {self._fetch_property(): 0.0 for _ in range(FETCH_SLOTS)}
+        self.written: dict[int, float] = {}
+        for _ in range(FETCH_SLOTS):
+            self.written[self._fetch_property()] = 0.0
         self.pending_fetch: list[int] = []
         self.sending: dict[tuple[int, int], dict] = {}  # (requestor, property) -> INCR state
         self._wake_r, self._wake_w = os.pipe()
@@ -234,12 +236,11 @@ class X11ClipboardBridge:
     # -- requestor: fetching what an X application copied ------------------------------------------
     def _fetch_property(self) -> int:
         """A property name no slot uses (names cycle after MAX_FETCH_NAMES)."""
-        in_use = getattr(self, "written", {})
         while True:
             name = f"SPICESTREAM_SELECTION_{self._names % MAX_FETCH_NAMES}"
             self._names += 1
             atom = self.conn.core.InternAtom(False, len(name), name).reply().atom
-            if atom not in in_use:
+            if atom not in self.written:
                 return atom
 
     def _retire(self, prop: int) -> None:
