@@ -43,3 +43,26 @@ def test_diff_tiles_finds_single_pixel_changes():
     assert set(zip(*np.nonzero(cells))) == {(2, 3), (0, 1)}
     # Non-contiguous inputs take the generic path.
     assert (diff_tiles(b[:, ::-1][:, ::-1], a) == cells).all()
+
+
+def test_repeated_damage_rectangles_reach_every_view_and_follow_a_resize():
+    from spicestream.display.surface import GRID_CACHE, Display
+    display = Display(640, 360, "off")
+    view = display.attach()
+    view.take()
+    frame = np.zeros((360, 640, 4), np.uint8)
+    for k in range(3 * GRID_CACHE):  # more patterns than are kept, each seen twice
+        rect = (k * 40 % 600, 0, 20, 70)
+        expected = TileGrid(640, 360)
+        expected.add_rect(*rect)
+        expected = expected.take_rects()
+        for _ in range(2):
+            display.update(frame, [rect])
+            assert view.take()[1] == expected
+    assert len(display._grids) == GRID_CACHE
+    display.update(frame, [[0, 0, 64, 64]])  # lists: not a key, still damage
+    assert view.take()[1] == [(0, 0, 64, 64)]
+    display.resize(320, 200)
+    view.new_surface(), view.take()
+    display.update(np.zeros((200, 320, 4), np.uint8), [(0, 0, 20, 70)])
+    assert view.take()[1] == [(0, 0, 64, 128)] and view.damage.cells.shape == (4, 5)

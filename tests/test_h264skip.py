@@ -107,3 +107,24 @@ def test_each_frame_leaves_a_spice_gtk_like_parser_when_its_follow_up_arrives(si
 def test_nal_units_split_on_three_and_four_byte_start_codes():
     data = b"\x00\x00\x00\x01\x09\xf0\x00\x00\x01\x67\x42\x00\x00\x00\x01\x68\xce"
     assert nal_units(data) == [b"\x09\xf0", b"\x67\x42", b"\x68\xce"]
+
+
+def test_skip_pictures_are_reused_within_a_stream_and_follow_new_parameter_sets():
+    # One follower across two encoders whose parameter sets have the same ids but other
+    # sizes: each picture must be what a fresh follower of that stream writes.
+    streams = []
+    for w, h in ((320, 240), (640, 480)):
+        encoder = GstEncoder(BY_NAME["x264enc"], w, h, 2_000_000, lambda f: None, lambda m: None, 30)
+        try:
+            streams.append([encode_sync(encoder, moving(k, w, h), k + 1).data for k in range(40)])
+        finally:
+            encoder.close()
+    shared = SkipFrames()
+    for units in streams:
+        fresh = SkipFrames()
+        for unit in units:
+            shared.observe(unit)
+            fresh.observe(unit)
+            assert shared.after() == fresh.after() is not None
+    # Within a stream, (frame_num, poc) pairs recur after each key frame: the same bytes.
+    assert len(shared._written) < len(streams[1])

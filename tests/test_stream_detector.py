@@ -95,3 +95,37 @@ def test_filter_mode_streams_colourful_areas_only_and_off_never_streams():
     off = StreamDetector("off", W, H)
     _, started = feed(off, cells(0, 0, COLS, ROWS), fps=60, seconds=3)
     assert started is None and off.region is None
+
+
+class AlwaysEvaluating(StreamDetector):
+    """The detector without its shortcut for damage inside a settled region."""
+
+    @property
+    def _settled(self) -> bool:
+        return False
+
+    @_settled.setter
+    def _settled(self, value: bool) -> None:
+        pass
+
+
+def test_the_shortcut_for_damage_inside_the_region_decides_as_a_full_evaluation_does():
+    rng = np.random.default_rng(7)
+    for mode in ("all", "filter"):
+        fast, full = StreamDetector(mode, W, H), AlwaysEvaluating(mode, W, H)
+        frame = video_frame()
+        t = 0.0
+        for step in range(3000):
+            t += rng.choice([1 / 60, 1 / 30, 0.3])
+            if rng.random() < 0.8:  # mostly one moving area, sometimes anywhere
+                x, y = 2 + step // 400, 1 + step // 600
+                mask = cells(x, y, x + 3, y + 2)
+            else:
+                x0, y0 = rng.integers(0, COLS), rng.integers(0, ROWS)
+                mask = cells(x0, y0, x0 + rng.integers(1, 4), y0 + rng.integers(1, 3))
+            changed = fast.damaged(mask, frame, t)
+            assert changed == full.damaged(mask, frame, t), step
+            assert (fast.region and fast.region.rect) == (full.region and full.region.rect), step
+            if step % 50 == 0:
+                assert fast.tick(t) == full.tick(t), step
+        assert fast._settled  # the shortcut was taken

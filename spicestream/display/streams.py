@@ -65,6 +65,7 @@ class StreamDetector:
         self.region: StreamRegion | None = None
         self._last_update = None
         self._last_change = 0.0
+        self._settled = False  # the hot area was inside the region at the last evaluation
         self._ids = itertools.cycle(range(MAX_STREAM_ID))
 
     def damaged(self, cells: np.ndarray, frame: np.ndarray, now: float) -> bool:
@@ -73,14 +74,21 @@ class StreamDetector:
             return False
         self._decay(now)
         self.heat += cells
-        if self.region is not None and cells[self._region_cells()].any():
-            self._last_change = now
+        if self.region is not None:
+            inside = np.count_nonzero(cells[self._region_cells()])
+            if inside:
+                self._last_change = now
+                if self._settled and inside == np.count_nonzero(cells):
+                    # Heat outside the region only decayed, and the hot area was inside it at
+                    # the last look: it still is, whatever heated up inside. (Every captured
+                    # frame of a full-screen video lands here.)
+                    return False
         return self._evaluate(frame, now)
 
     def tick(self, now: float) -> bool:
         """Called periodically: ends a stream whose region went still. True if it changed."""
         if self.region is not None and now - self._last_change >= STOP_AFTER_S:
-            self.region = None
+            self.region, self._settled = None, False
             self.heat[:] = 0
             return True
         return False
@@ -112,7 +120,9 @@ class StreamDetector:
             return False
         current = self.region
         if current is not None and _inside((x, y, w, h), current.rect):
+            self._settled = True
             return False  # the hot area is still within the stream: keep it steady
+        self._settled = False
         if self.mode == "filter" and not _looks_like_video(frame, x, y, w, h):
             return False
         self.region = StreamRegion(next(self._ids), x, y, w, h)

@@ -24,6 +24,7 @@ from .scanout import DrawTracker, Scanout, ScanoutError
 from .streams import StreamDetector, StreamRegion
 
 Rect = tuple[int, int, int, int]
+GRID_CACHE = 8  # damage patterns whose tile grids are kept
 
 
 class ClientView:
@@ -91,6 +92,7 @@ class Display:
         self.width, self.height = width, height
         self.frame = np.zeros((height, width, 4), np.uint8)
         self._shadow: np.ndarray | None = None
+        self._grids: dict[tuple, np.ndarray] = {}  # damage rectangles -> their tiles
         self.detector = StreamDetector(self.streaming, width, height)
 
     @property
@@ -193,10 +195,7 @@ class Display:
             if damage is None:
                 cells = self._find_damage(frame)
             else:
-                grid = TileGrid(self.width, self.height)
-                for x, y, w, h in damage:
-                    grid.add_rect(int(x), int(y), int(w), int(h))
-                cells = grid.cells
+                cells = self._damage_cells(damage)
                 self._shadow = None  # given damage: the shadow would be stale
             now = time.monotonic()
             interval = now - self.frame_time
@@ -208,6 +207,26 @@ class Display:
                 view.damage.add_grid(cells)
             self.detector.damaged(cells, frame, now)
         self.wake()
+
+    def _damage_cells(self, damage: list[Rect]) -> np.ndarray:
+        """The tiles `damage` touches (read-only). A video or an animation damages the same
+        rectangles frame after frame: their grid is made once."""
+        try:
+            key = tuple(damage)
+            cells = self._grids.get(key)
+        except TypeError:  # rectangles given as lists: not a key
+            key, cells = None, None
+        if cells is None:
+            grid = TileGrid(self.width, self.height)
+            for x, y, w, h in damage:
+                grid.add_rect(int(x), int(y), int(w), int(h))
+            cells = grid.cells
+            cells.flags.writeable = False
+            if key is not None:
+                if len(self._grids) >= GRID_CACHE:
+                    self._grids.pop(next(iter(self._grids)))  # the oldest pattern
+                self._grids[key] = cells
+        return cells
 
     def _as_frame(self, frame) -> np.ndarray:
         shape = (self.height, self.width, 4)

@@ -28,24 +28,31 @@ AUD = b"\x00\x00\x00\x01\x09\xf0"  # primary_pic_type 7: any slice type
 HIGH_PROFILES = {100, 110, 122, 244, 44, 83, 86, 118, 128, 138, 139, 134, 135}
 NAL_SLICE, NAL_IDR, NAL_SPS, NAL_PPS = 1, 5, 7, 8
 SLICE_HEADER_BYTES = 64  # more than the fields read from a slice header ever take
+MAX_WRITTEN = 1024  # skipped pictures kept for reuse; (frame_num, poc) pairs recur each GOP
 
 
 class Unsupported(ValueError):
     """A stream this module does not write skip frames for."""
 
 
-def nal_units(data: bytes) -> list[bytes]:
-    """The NAL units of an Annex-B byte stream, without start codes."""
-    units, start = [], data.find(b"\x00\x00\x01")
+def nal_spans(data: bytes):
+    """(begin, stop) of each non-empty NAL unit of an Annex-B byte stream, start codes left
+    out, found one at a time (a caller that has what it needs stops early)."""
+    start = data.find(b"\x00\x00\x01")
     while start >= 0:
         begin = start + 3
         end = data.find(b"\x00\x00\x01", begin)
         stop = len(data) if end < 0 else end
         while stop > begin and data[stop - 1] == 0 and end >= 0:
             stop -= 1  # the zero that makes a four-byte start code, or trailing zeros
-        units.append(data[begin:stop])
+        if stop > begin:
+            yield begin, stop
         start = end
-    return units
+
+
+def nal_units(data: bytes) -> list[bytes]:
+    """The NAL units of an Annex-B byte stream, without start codes."""
+    return [data[begin:stop] for begin, stop in nal_spans(data)]
 
 
 def unescape(nal: bytes) -> bytes:
@@ -65,24 +72,28 @@ def escape(rbsp: bytes) -> bytes:
 
 
 class BitReader:
+    """Reads bits MSB first. The data is held as one integer: each field is a shift and a
+    mask, not a Python step per bit (this runs on every encoded frame)."""
+
     def __init__(self, data: bytes):
-        self.data, self.pos = data, 0
+        self.bits, self.size, self.pos = int.from_bytes(data, "big"), 8 * len(data), 0
 
     def u(self, n: int) -> int:
-        value = 0
-        for _ in range(n):
-            if self.pos >= 8 * len(self.data):
-                raise Unsupported("truncated")
-            value = (value << 1) | ((self.data[self.pos >> 3] >> (7 - (self.pos & 7))) & 1)
-            self.pos += 1
-        return value
+        end = self.pos + n
+        if end > self.size:
+            raise Unsupported("truncated")
+        self.pos = end
+        return (self.bits >> (self.size - end)) & ((1 << n) - 1)
 
     def ue(self) -> int:
-        zeros = 0
-        while self.u(1) == 0:
-            zeros += 1
-            if zeros > 31:
-                raise Unsupported("bad exp-Golomb code")
+        rest = self.size - self.pos
+        window = self.bits & ((1 << rest) - 1)  # the bits not yet read
+        zeros = rest - window.bit_length()  # leading zeros before the first 1
+        if zeros > 31:
+            raise Unsupported("bad exp-Golomb code")
+        if zeros >= rest:
+            raise Unsupported("truncated")
+        self.pos += zeros + 1
         return (1 << zeros) - 1 + self.u(zeros)
 
     def se(self) -> int:
@@ -92,23 +103,24 @@ class BitReader:
 
 class BitWriter:
     def __init__(self):
-        self.bits: list[int] = []
+        self.value, self.size = 0, 0
 
     def u(self, n: int, value: int) -> None:
-        self.bits.extend((value >> (n - 1 - i)) & 1 for i in range(n))
+        self.value = (self.value << n) | (value & ((1 << n) - 1))
+        self.size += n
 
     def ue(self, value: int) -> None:
         length = (value + 1).bit_length()
-        self.u(length - 1, 0)
-        self.u(length, value + 1)
+        self.u(2 * length - 1, value + 1)  # length - 1 zeros, then value + 1 in length bits
 
     def se(self, value: int) -> None:
         self.ue(2 * value - 1 if value > 0 else -2 * value)
 
     def rbsp(self) -> bytes:
-        bits = self.bits + [1]  # rbsp_stop_one_bit, then zeros to the byte
-        bits += [0] * (-len(bits) % 8)
-        return bytes(int("".join(map(str, bits[i : i + 8])), 2) for i in range(0, len(bits), 8))
+        """The bits, rbsp_stop_one_bit, then zeros to the byte."""
+        size = self.size + 1
+        pad = -size % 8
+        return (((self.value << 1) | 1) << pad).to_bytes((size + pad) // 8, "big")
 
 
 @dataclass(frozen=True)
@@ -198,25 +210,30 @@ class SkipFrames:
         self.sps: dict[int, Sps] = {}
         self.pps: dict[int, Pps] = {}
         self._last: tuple | None = None  # (pps, frame_num, poc_lsb, is_reference)
+        self._written: dict[tuple, bytes | None] = {}  # _last -> after(): pictures repeat per GOP
         self.unsupported: str | None = None
 
     def observe(self, unit: bytes) -> None:
         self._last = None
         try:
-            for nal in nal_units(unit):
-                if not nal:
-                    continue
-                kind = nal[0] & 0x1F
+            for begin, stop in nal_spans(unit):
+                kind = unit[begin] & 0x1F
                 if kind == NAL_SPS:
-                    sps = parse_sps(unescape(nal))
-                    self.sps[sps.sps_id] = sps
+                    sps = parse_sps(unescape(unit[begin:stop]))
+                    if self.sps.get(sps.sps_id) != sps:
+                        self.sps[sps.sps_id] = sps
+                        self._written.clear()
                 elif kind == NAL_PPS:
-                    pps = parse_pps(unescape(nal))
-                    self.pps[pps.pps_id] = pps
-                elif kind in (NAL_SLICE, NAL_IDR) and self._last is None:
-                    # The header is in the first bytes; the slice data is not read.
-                    header = unescape(nal[:SLICE_HEADER_BYTES])
-                    self._last = self._slice(header, kind == NAL_IDR, nal[0] >> 5 & 3)
+                    pps = parse_pps(unescape(unit[begin:stop]))
+                    if self.pps.get(pps.pps_id) != pps:
+                        self.pps[pps.pps_id] = pps
+                        self._written.clear()
+                elif kind in (NAL_SLICE, NAL_IDR):
+                    # The header is in the first bytes; the slice data is not read, nor are
+                    # the picture's other slices (they share the first one's header fields).
+                    header = unescape(unit[begin:min(stop, begin + SLICE_HEADER_BYTES)])
+                    self._last = self._slice(header, kind == NAL_IDR, unit[begin] >> 5 & 3)
+                    return
         except Unsupported as exc:
             self.unsupported, self._last = str(exc), None
 
@@ -240,9 +257,19 @@ class SkipFrames:
 
     def after(self) -> bytes | None:
         """AUD + a skipped, non-reference P picture to follow the last observed unit."""
-        if self._last is None:
+        last = self._last
+        if last is None:
             return None
-        pps, frame_num, poc_lsb, reference = self._last
+        try:
+            return self._written[last]
+        except KeyError:
+            pass
+        if len(self._written) >= MAX_WRITTEN:
+            self._written.clear()
+        picture = self._written[last] = self._write(*last)
+        return picture
+
+    def _write(self, pps: Pps, frame_num: int, poc_lsb: int, reference: bool) -> bytes | None:
         sps = self.sps[pps.sps_id]
         if not reference:
             return None  # a second skip after a skip would need the same frame_num rules
