@@ -149,6 +149,8 @@ class DisplayChannel(ChannelHandler):
         high-water mark is at most one frame's worth of rectangles.
         """
         conn = self.conn
+        if self.streams is not None and self.has_surface:
+            self.streams.sync()  # a stream that ended leaves its area as damage, sent below
         while conn.can_send and self.view.pending:
             size = self.view.new_surface()
             if size is not None:

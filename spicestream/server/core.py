@@ -217,9 +217,14 @@ class ServerCore:
 
     def control_tick(self, now: float) -> None:
         for channel in list(self.display_channels):
-            if channel.streams is not None:
-                channel.streams.control_tick(now)
-            channel.writable()
+            streams = channel.streams
+            if streams is not None:
+                streams.control_tick(now)
+                if not streams.waiting_frame:
+                    # Nothing held back for the link to make room for: what else is new
+                    # reaches the channel through its own wake (display, socket, ACK).
+                    continue
+            channel.writable()  # e.g. a local client's scanout waits for an empty buffer
 
     def set_cursor(self, cursor: bytes) -> None:
         self.cursor = cursor

@@ -187,6 +187,11 @@ class StreamSender:
             if lossless:
                 view.damage.add_rect(*stream.region.rect)
 
+    @property
+    def waiting_frame(self) -> bool:
+        """A frame waits to be fed (the encoder, the socket or the rate had no room)."""
+        return self.active is not None and self.active.ledger.waiting_frame
+
     def close(self) -> None:
         stream, self.active = self.active, None
         if stream is not None:
@@ -276,7 +281,8 @@ class StreamSender:
         stream.held = frame
         stream.held_meta = meta
         self._flush_held(stream)
-        self.channel.writable()  # room in the encoder again: feed the newest frame
+        if ledger.waiting_frame:
+            self.channel.writable()  # room in the encoder again: feed the frame that waited
 
     def _flush_held(self, stream: ActiveStream) -> None:
         frame = stream.held

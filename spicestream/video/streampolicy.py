@@ -142,6 +142,11 @@ class FrameLedger:
             self._waiting = None
         self.encoded += 1
 
+    @property
+    def waiting_frame(self) -> bool:
+        """The newest frame is neither encoded nor superseded: it waits for room."""
+        return self._waiting is not None
+
     def dropped_after_encoding(self, reason: str) -> None:
         self.dropped[reason] += 1
 
