@@ -11,7 +11,7 @@ from spicestream.video.gst_encoder import GstEncoder
 from spicestream.video.elements import BY_NAME
 from spicestream.video.encoder import encode_sync
 from spicestream.video.h264skip import (
-    BitReader, BitWriter, SkipFrames, escape, nal_units, parse_pps, unescape)
+    BitReader, BitWriter, SkipFrames, escape, nal_spans, parse_pps, unescape)
 
 Gst = pytest.importorskip("spicestream.testing.decoder").Gst
 if Gst is None:
@@ -104,9 +104,9 @@ def test_each_frame_leaves_a_spice_gtk_like_parser_when_its_follow_up_arrives(si
         pipeline.set_state(Gst.State.NULL)
 
 
-def test_nal_units_split_on_three_and_four_byte_start_codes():
+def test_nal_spans_split_on_three_and_four_byte_start_codes():
     data = b"\x00\x00\x00\x01\x09\xf0\x00\x00\x01\x67\x42\x00\x00\x00\x01\x68\xce"
-    assert nal_units(data) == [b"\x09\xf0", b"\x67\x42", b"\x68\xce"]
+    assert [data[begin:stop] for begin, stop in nal_spans(data)] == [b"\x09\xf0", b"\x67\x42", b"\x68\xce"]
 
 
 def test_skip_pictures_are_reused_within_a_stream_and_follow_new_parameter_sets():

@@ -150,7 +150,9 @@ class DisplayChannel(ChannelHandler):
         """
         conn = self.conn
         if self.streams is not None and self.has_surface:
-            self.streams.sync()  # a stream that ended leaves its area as damage, sent below
+            # First: a stream that ended leaves its area as damage, sent below; one that
+            # started takes its area out of the damage.
+            self.streams.sync()
         while conn.can_send and self.view.pending:
             size = self.view.new_surface()
             if size is not None:
@@ -169,8 +171,7 @@ class DisplayChannel(ChannelHandler):
                 self.marked = True
             conn.flush()
         if self.streams is not None and self.has_surface:
-            self.streams.sync()
-            self.streams.feed()
+            self.streams.feed()  # of the stream synced above
             conn.flush()
         if self.local_gl is not None and self.marked:
             self.local_gl.pump()

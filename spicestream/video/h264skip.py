@@ -50,11 +50,6 @@ def nal_spans(data: bytes):
         start = end
 
 
-def nal_units(data: bytes) -> list[bytes]:
-    """The NAL units of an Annex-B byte stream, without start codes."""
-    return [data[begin:stop] for begin, stop in nal_spans(data)]
-
-
 def unescape(nal: bytes) -> bytes:
     """The RBSP of a NAL unit: emulation prevention bytes (00 00 03) removed."""
     return nal.replace(b"\x00\x00\x03", b"\x00\x00")
