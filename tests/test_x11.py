@@ -328,3 +328,36 @@ def test_a_capture_racing_a_screen_resize_takes_the_new_size(tmp_path):
             resizer.close()
             source.close()
             server.stop()
+
+
+RESIZE_WHILE_CLOSING = """
+import sys, threading, time
+from spicestream.sources.x11randr import X11Resizer
+for _ in range(10):
+    resizer = X11Resizer(sys.argv[1])
+    stop = threading.Event()
+    def resize_on():  # as the server's thread does for a client's window size
+        k = 0
+        while not stop.is_set():
+            resizer.resize(*((800, 600) if k % 2 else (1024, 768)))
+            k += 1
+    thread = threading.Thread(target=resize_on)
+    thread.start()
+    time.sleep(0.05)
+    resizer.close()  # as the source does when it stops
+    assert resizer.resize(800, 600) is False and resizer.conn is None, "a resize after close reconnected"
+    stop.set()
+    thread.join()
+print("closed cleanly")
+"""
+
+
+def test_closing_the_resizer_while_a_resize_runs_on_another_thread(tmp_path):
+    """`spicestream run` stopped right after a client resized the screen died of SIGABRT once
+    in a clean-clone run: close() freed the xcb connection under a resize still running on the
+    server's thread (here: 'malloc(): unsorted double linked list corrupted'). Run in a child
+    process, so a crash is an exit status, not a dead test run."""
+    with xclient.XSession(1024, 768, log_dir=tmp_path / "served") as x:
+        result = subprocess.run([sys.executable, "-c", RESIZE_WHILE_CLOSING, x.display],
+                                capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "closed cleanly" in result.stdout, result.stderr[-2000:]

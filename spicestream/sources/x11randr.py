@@ -51,8 +51,9 @@ class X11Resizer:
 
         self.xcffib, self.randr_mod = xcffib, xcffib.randr
         self.display_name = display_name
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # resizes come from the server's thread, close from another
         self.conn = None
+        self.closed = False
         self._said: set[str] = set()
         self._ours: dict[int, int] = {}  # mode id we created -> the output we added it to
 
@@ -67,12 +68,14 @@ class X11Resizer:
     def resize(self, width: int, height: int) -> bool:
         """True if the screen is now `width` x `height`."""
         with self.lock:
+            if self.closed:
+                return False  # the source is going away: no new connection for it
             try:
                 why = self._resize(int(width), int(height))
             except self.xcffib.XcffibException as exc:
                 why = f"the X server refused it ({type(exc).__name__})"
             except (self.xcffib.ConnectionException, OSError) as exc:
-                self.close()
+                self._disconnect()  # the next resize connects again
                 why = f"the X connection failed ({exc})"
         if why is None:
             log.info("X screen resized to %dx%d for the client", width, height)
@@ -153,6 +156,13 @@ class X11Resizer:
                 log.debug("mode %d stays: %s", mode, type(exc).__name__)
 
     def close(self) -> None:
+        """Disconnect; a resize still under way on another thread finishes first (its
+        connection would be freed under it), and later ones are refused."""
+        with self.lock:
+            self.closed = True
+            self._disconnect()
+
+    def _disconnect(self) -> None:
         if self.conn is not None:
             try:
                 self.conn.disconnect()
