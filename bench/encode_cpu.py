@@ -10,14 +10,15 @@ fixed at 3 Mbit/s. CPU is read per thread from /proc/self/task over the paced wi
 (GStreamer's threads carry their element names: src:src converts, and encodes too where there
 is no queue; queueN:src encodes behind a queue; pool-python is a second conversion thread).
 
-Two layouts of the same pipeline, alternated `--repeat` times (single runs here differ by up to
+Three ways to feed the encoder, alternated `--repeat` times (single runs here differ by up to
 ~15 %: compare over 8 or more):
-  `current`: what gst_encoder.pipeline_description builds for this size;
-  `split`:   conversion on CONVERT_THREADS threads and a queue before the encoder (the layout
-             large frames get).
-Hand-offs are what differ: on this 2-core VM putting a thread to sleep and waking it is dear
-(a Python loop of time.sleep(0.005) uses ~0.1 ms of CPU per turn), so a layout with fewer
-threads per frame is cheaper for the same conversion and encoding.
+  `libyuv`:       frames converted to I420 by libyuv as they are handed over, then
+                  `appsrc ! encoder` (what I420 encoders get where yuv.py allows it);
+  `videoconvert`: what gst_encoder.pipeline_description builds for this size without libyuv;
+  `split`:        videoconvert on CONVERT_THREADS threads and a queue before the encoder.
+Hand-offs matter as well as conversion: on this 2-core VM putting a thread to sleep and waking
+it is dear (a Python loop of time.sleep(0.005) uses ~0.1 ms of CPU per turn), so a layout with
+fewer threads per frame is cheaper for the same conversion and encoding.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ sys.path.insert(0, str(HERE))
 
 import glass  # noqa: E402
 from glass_x11 import thread_cpu, thread_cpu_delta  # noqa: E402
-from spicestream.video import gst_encoder  # noqa: E402
+from spicestream.video import gst_encoder, yuv  # noqa: E402
 from spicestream.video.elements import BY_NAME  # noqa: E402
 
 BIT_RATE = 3_000_000
@@ -53,12 +54,14 @@ def frames(width: int, height: int, count: int = 60) -> list:
 
 
 def run(layout: str, element: str, width: int, height: int, fps: int, count: int, pictures) -> dict:
-    original = gst_encoder.pipeline_description
+    original, converts = gst_encoder.pipeline_description, yuv.converts
 
     def describe(*args, **kwargs):
         return original(*args, **kwargs, split=True) if layout == "split" else original(*args, **kwargs)
 
     gst_encoder.pipeline_description = describe
+    if layout != "libyuv":
+        yuv.converts = lambda pixel_format: False
     done = threading.Semaphore(0)
     sizes: list[int] = []
     errors: list[str] = []
@@ -67,7 +70,10 @@ def run(layout: str, element: str, width: int, height: int, fps: int, count: int
                                          lambda f: (sizes.append(len(f.data)), done.release()),
                                          errors.append, fps=fps)
     finally:
-        gst_encoder.pipeline_description = original
+        gst_encoder.pipeline_description, yuv.converts = original, converts
+    if (encoder._i420 is not None) != (layout == "libyuv"):
+        encoder.close()
+        raise SystemExit(f"{element} at {width}x{height}: libyuv does not feed it here")
     try:
         for k in range(10):  # the pipeline's start-up is not what is measured
             encoder.encode(pictures[k % len(pictures)], k)
@@ -97,6 +103,9 @@ def run(layout: str, element: str, width: int, height: int, fps: int, count: int
             "kbytes_per_frame": round(sum(sizes) / 1000 / max(1, len(sizes)), 1), "errors": errors[:3]}
 
 
+LAYOUTS = ("libyuv", "videoconvert", "split")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--element", default="x264enc")
@@ -110,14 +119,15 @@ def main() -> None:
         sys.exit(f"{args.element} is not installed")
     pictures = frames(width, height)
     runs = [run(layout, args.element, width, height, args.fps, args.frames, pictures)
-            for _ in range(args.repeat) for layout in ("current", "split")]
+            for _ in range(args.repeat) for layout in LAYOUTS]
     summary = {}
-    for layout in ("current", "split"):
+    for layout in LAYOUTS:
         values = [r["cpu_ms_per_frame"] for r in runs if r["layout"] == layout]
         summary[layout] = {"mean_cpu_ms_per_frame": round(sum(values) / len(values), 3),
                            "min": min(values), "max": max(values)}
-    summary["current_over_split"] = round(summary["current"]["mean_cpu_ms_per_frame"]
-                                          / summary["split"]["mean_cpu_ms_per_frame"], 3)
+    for layout in LAYOUTS[1:]:
+        summary[f"libyuv_over_{layout}"] = round(summary["libyuv"]["mean_cpu_ms_per_frame"]
+                                                 / summary[layout]["mean_cpu_ms_per_frame"], 3)
     print(json.dumps({"element": args.element, "size": args.size, "fps": args.fps,
                       "bit_rate": BIT_RATE, "cores": os.cpu_count(), "summary": summary,
                       "runs": runs}, indent=2))

@@ -16,6 +16,8 @@ PACKAGES=(
   virt-viewer spice-client-gtk gir1.2-spiceclientglib-2.0 spice-html5 chromium
   # sound: Opus (libopus through ctypes), PulseAudio to record what clients play, pulsesrc
   libopus0 pulseaudio pulseaudio-utils gstreamer1.0-pulseaudio
+  # RGB to I420 for the software video encoders (libyuv through ctypes: video/yuv.py)
+  libyuv0
   # the reference server, for side-by-side figures (bench/glass_x11.py)
   xserver-xspice
   # systemd-analyze, to check contrib/spicestream@.service

@@ -160,12 +160,13 @@ class StreamSender:
             self._loop.call_soon_threadsafe(self._encoder_failed, sub, message)
 
         flip = self._flip_rows()
+        dmabuf = self.display.scanout is not None
 
         def make(hub_on_frame, hub_on_error) -> VideoEncoder:
             return self.codecs.create(entry, region.width, region.height, bit_rate, hub_on_frame,
-                                      hub_on_error, fps, pixel_format, flip)
+                                      hub_on_error, fps, pixel_format, flip, dmabuf)
 
-        key = (entry, region.stream_id, region.rect, pixel_format, flip)
+        key = (entry, region.stream_id, region.rect, pixel_format, flip, dmabuf)
         sub = self.core.encoders.subscribe(key, make, on_frame, on_error, shared=shared)
         return sub
 

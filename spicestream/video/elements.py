@@ -32,6 +32,9 @@ class ElementSpec:
     # Properties that replace some of `properties` for frames of at most SMALL_FRAME_PIXELS:
     # threads that cost more in handing work over than they save there.
     small_frame_properties: str = ""
+    # Whether the encoder writes the input's colorimetry into the stream, so that decoders
+    # convert back with it whatever the size (yuv.py: who may be fed libyuv's BT.601).
+    states_colorimetry: bool = False
 
 
 SMALL_FRAME_PIXELS = 640 * 480
@@ -74,7 +77,8 @@ ELEMENTS: list[ElementSpec] = [
                 f"threads=2 key-int-max={KEY_INTERVAL} vbv-buf-capacity={VBV_MS}", "bitrate", 1000,
                 output_caps=H264_CAPS,
                 # 640x360: 27 % less x264 CPU and no slower (sliced threads pay off from ~720p)
-                small_frame_properties="threads=1 sliced-threads=false"),
+                small_frame_properties="threads=1 sliced-threads=false",
+                states_colorimetry=True),  # the SPS's VUI
     ElementSpec("openh264enc", Codec.H264, f"complexity=low rate-control=bitrate "
                 f"gop-size={KEY_INTERVAL} usage-type=screen", "bitrate", 1, output_caps=H264_CAPS),
     ElementSpec("vp8enc", Codec.VP8, f"deadline=1 cpu-used=16 lag-in-frames=0 end-usage=cbr "

@@ -46,9 +46,10 @@ class VideoCodecs:
 
     def create(self, entry: CodecEntry, width: int, height: int, bit_rate: int,
                on_frame, on_error, fps: int = 30, pixel_format: str = "BGRx",
-               flip: bool = False) -> VideoEncoder:
+               flip: bool = False, dmabuf: bool = False) -> VideoEncoder:
         """Create an encoder for `entry`, trying its usable elements in order; with `flip`, it
-        turns its input upside down (a bottom-up scanout for a client that ignores the flag)."""
+        turns its input upside down (a bottom-up scanout for a client that ignores the flag);
+        `dmabuf`: it will be fed DMA-BUF scanouts, not frames in memory."""
         errors = []
         for result in self.elements_for(entry):
             try:
@@ -60,7 +61,7 @@ class VideoCodecs:
                 from .gst_encoder import GstEncoder
 
                 return GstEncoder(BY_NAME[result.element], width, height, bit_rate, on_frame, on_error,
-                                  fps, pixel_format, flip)
+                                  fps, pixel_format, flip, dmabuf)
             except (EncoderError, RuntimeError, ValueError) as exc:
                 errors.append(f"{result.element}: {exc}")
                 log.warning("cannot create %s encoder: %s", result.element, exc)

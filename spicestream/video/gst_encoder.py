@@ -1,7 +1,9 @@
 """The GStreamer backend: `appsrc ! videoconvert ! queue ! <encoder> ! <caps> ! appsink`.
 
-Frames go in without a copy (gstbuffer.push_frame wraps the application's memory, strided
-regions included). Conversion and encoding run on different GStreamer threads (the queue
+Frames in memory for an encoder that takes I420 (x264, libvpx, openh264) are converted by
+libyuv as they are handed over (yuv.py: ~10x less CPU than videoconvert), and the pipeline is
+`appsrc ! <encoder> ! <caps> ! appsink`. Otherwise frames go in without a copy
+(gstbuffer.push_frame wraps the application's memory, strided regions included). Conversion and encoding run on different GStreamer threads (the queue
 between them), so at 2 frames in flight a 2-core machine converts one frame while it encodes
 the previous one. Small frames (at most SMALL_FRAME_PIXELS) are converted on one thread and
 encoded on that same thread: there the hand-offs cost more than the overlap saves. Output
@@ -21,6 +23,7 @@ import time
 
 import numpy as np
 
+from . import yuv
 from .codec import Codec
 from .elements import SMALL_FRAME_PIXELS, ElementSpec
 from .encoder import EncodedFrame, EncoderError, VideoEncoder
@@ -40,7 +43,9 @@ except (ImportError, ValueError) as _exc:  # no GStreamer: the built-in MJPEG st
     IMPORT_ERROR = str(_exc)
 else:
     IMPORT_ERROR = ""
-    from .gstbuffer import push_frame
+    from .gstbuffer import push_frame, push_planes
+
+    _FORMAT_I420 = int(GstVideo.VideoFormat.I420)
 
 
 _allocator = None
@@ -64,9 +69,11 @@ def element_exists(name: str) -> bool:
 
 
 def pipeline_description(spec: ElementSpec, width: int, height: int, fps: int,
-                         pixel_format: str = "BGRx", flip: bool = False, split: bool | None = None) -> str:
+                         pixel_format: str = "BGRx", flip: bool = False, split: bool | None = None,
+                         converted: bool = False) -> str:
     """`split`: conversion on CONVERT_THREADS threads and a queue before the encoder; by
-    default for frames over SMALL_FRAME_PIXELS (bench/encode_cpu.py compares both)."""
+    default for frames over SMALL_FRAME_PIXELS (bench/encode_cpu.py compares both).
+    `converted`: frames arrive as I420 already (yuv.I420Converter), straight to the encoder."""
     # The caps carry a real frame rate: with framerate=0/1 x264enc holds every frame back
     # until the next one arrives (one frame of latency), and rate control needs the rate.
     caps_out = f" ! {spec.output_caps}" if spec.output_caps else ""
@@ -81,15 +88,18 @@ def pipeline_description(spec: ElementSpec, width: int, height: int, fps: int,
         split = not is_small
     threads, queue = (CONVERT_THREADS, "! queue max-size-buffers=2 max-size-bytes=0 max-size-time=0 ") \
         if split else (1, "")
+    tail = (f"! {spec.element} name=enc {spec.properties}{small}{caps_out} "
+            f"! appsink name=sink emit-signals=true sync=false max-buffers=8 drop=false")
+    if converted:
+        return (f"appsrc name=src is-live=true format=time do-timestamp=false block=false "
+                f"caps={yuv.CAPS},width={width},height={height},framerate={fps}/1 {tail}")
     # (videoflip's older `method` property is accepted and ignored here: video-direction.)
     return (
         f"appsrc name=src is-live=true format=time do-timestamp=false block=false "
         f"caps=video/x-raw,format={pixel_format},width={width},height={height},framerate={fps}/1 "
         f"{'! videoflip video-direction=vert ' if flip else ''}"
         f"! videoconvert n-threads={threads} ! video/x-raw,format={spec.input_format} "
-        f"{queue}"
-        f"! {spec.element} name=enc {spec.properties}{small}{caps_out} "
-        f"! appsink name=sink emit-signals=true sync=false max-buffers=8 drop=false"
+        f"{queue}{tail}"
     )
 
 
@@ -97,7 +107,10 @@ class GstEncoder(VideoEncoder):
     backend = "gstreamer"
 
     def __init__(self, spec: ElementSpec, width: int, height: int, bit_rate: int,
-                 on_frame, on_error, fps: int = 30, pixel_format: str = "BGRx", flip: bool = False):
+                 on_frame, on_error, fps: int = 30, pixel_format: str = "BGRx", flip: bool = False,
+                 dmabuf: bool = False):
+        """`dmabuf`: frames will be DMA-BUF scanouts, imported and converted inside GStreamer;
+        frames in memory that the software encoders take as I420 are converted by libyuv."""
         if Gst is None:
             raise EncoderError(available()[1])
         if spec.output_caps and (width % 2 or height % 2):
@@ -110,9 +123,12 @@ class GstEncoder(VideoEncoder):
         self._skips = SkipFrames() if spec.codec == Codec.H264 else None
         self.fps = max(1, min(240, int(fps)))
         self._duration_ns = Gst.SECOND // self.fps
+        self._i420 = yuv.I420Converter(width, height, pixel_format, flip) \
+            if not dmabuf and spec.input_format == "I420" and yuv.converts(pixel_format) \
+            and (spec.states_colorimetry or yuv.bt601_by_default(height)) else None
         try:
-            self.pipeline = Gst.parse_launch(pipeline_description(spec, width, height, self.fps,
-                                                                  pixel_format, flip))
+            self.pipeline = Gst.parse_launch(pipeline_description(
+                spec, width, height, self.fps, pixel_format, flip, converted=self._i420 is not None))
         except GLib.Error as exc:
             raise EncoderError(f"{spec.element}: {exc}") from None
         self.src = self.pipeline.get_by_name("src")
@@ -134,13 +150,29 @@ class GstEncoder(VideoEncoder):
         self._frame_index += 1
         with self._pending_lock:
             self._pending.append([timestamp_ms, started, 0])
-        if hasattr(frame, "drm_fourcc"):
+        if self._i420 is not None:
+            copied = self._push_converted(frame, pts)
+        elif hasattr(frame, "drm_fourcc"):
             copied = self._push_dmabuf(frame, pts)
         else:
             copied = push_frame(self.src, frame, pts, self._duration_ns)
         with self._pending_lock:
             if self._pending:
                 self._pending[-1][2] = copied
+
+    def _push_converted(self, frame, pts: int) -> int:
+        """Convert to I420 here and push that; the frame itself is not read after this returns.
+        A scanout sent to an encoder made for frames in memory is mapped and read in place."""
+        scanout = frame if hasattr(frame, "drm_fourcc") else None
+        try:
+            out, copied = self._i420.convert(frame if scanout is None else scanout.pixels())
+        finally:
+            if scanout is not None:
+                scanout.release()
+        i420 = self._i420
+        push_planes(self.src, out, _FORMAT_I420, self.width, self.height, i420.offsets, i420.strides,
+                    pts, self._duration_ns, on_release=lambda: i420.give_back(out))
+        return copied
 
     def _push_dmabuf(self, scanout, pts: int) -> int:
         """Import a DMA-BUF without copying: the memory owns a dup of the fd and closes it when

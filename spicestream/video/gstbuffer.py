@@ -31,7 +31,7 @@ from ..gstreamer import load
 
 Gst, GstApp, GstVideo = load("Gst", "GstApp", "GstVideo")
 
-__all__ = ["push_frame", "WrapStats", "PushError", "gobject_pointer"]
+__all__ = ["push_frame", "push_planes", "WrapStats", "PushError", "gobject_pointer"]
 
 _gst = ctypes.CDLL("libgstreamer-1.0.so.0")
 _gstvideo = ctypes.CDLL("libgstvideo-1.0.so.0")
@@ -188,12 +188,38 @@ def push_frame(appsrc: Gst.Element, frame: np.ndarray,
         copied = frame.nbytes
         row_stride = w * 4
     span = (h - 1) * row_stride + w * 4
-    data = frame.__array_interface__["data"][0]
+    _push_wrapped(appsrc, frame, span, _FORMAT_BGRX, w, h, (0,), (row_stride,), pts_ns,
+                  duration_ns, on_release)
+    return copied
 
+
+def push_planes(appsrc: Gst.Element, memory: np.ndarray, video_format: int, width: int,
+                height: int, offsets: tuple[int, ...], strides: tuple[int, ...],
+                pts_ns: int | None = None, duration_ns: int | None = None,
+                on_release: Callable[[], None] | None = None) -> None:
+    """Push a planar frame that lies in the contiguous uint8 array ``memory`` (plane ``i``
+    at ``offsets[i]``, rows ``strides[i]`` apart; a GstVideoMeta says so) without copying.
+    ``memory`` is kept alive, and ``on_release`` called, as for ``push_frame``."""
+    if not isinstance(appsrc, GstApp.AppSrc):
+        raise TypeError(f"expected an appsrc, got {type(appsrc).__name__}")
+    if not isinstance(memory, np.ndarray) or memory.dtype != np.uint8 \
+            or not memory.flags.c_contiguous:
+        raise ValueError("memory must be a contiguous uint8 ndarray")
+    if not 0 < len(offsets) == len(strides) <= _MAX_PLANES:
+        raise ValueError("one offset and one stride per plane")
+    if (pts_ns is not None or duration_ns is not None) and not _TIMESTAMPS_OK:
+        raise RuntimeError("GstBuffer layout not recognised; use do-timestamp")
+    _push_wrapped(appsrc, memory, memory.nbytes, video_format, width, height, offsets, strides,
+                  pts_ns, duration_ns, on_release)
+
+
+def _push_wrapped(appsrc, array: np.ndarray, span: int, video_format: int, w: int, h: int,
+                  plane_offsets, plane_strides, pts_ns, duration_ns, on_release) -> None:
+    data = array.__array_interface__["data"][0]
     key = next(_keys)
     # Registered before the buffer exists: the notify can fire at any point
     # from here on (even inside push_buffer, if appsrc is flushing).
-    _live[key] = (frame, on_release)
+    _live[key] = (array, on_release)
     with WrapStats._lock:
         WrapStats.wraps += 1
         WrapStats.live += 1
@@ -203,10 +229,10 @@ def push_frame(appsrc: Gst.Element, frame: np.ndarray,
         _on_destroy(key)
         raise MemoryError("gst_buffer_new_wrapped_full failed")
 
-    offsets = (ctypes.c_size_t * _MAX_PLANES)(0)
-    strides = (ctypes.c_int * _MAX_PLANES)(row_stride)
+    offsets = (ctypes.c_size_t * _MAX_PLANES)(*plane_offsets)
+    strides = (ctypes.c_int * _MAX_PLANES)(*plane_strides)
     if not _gstvideo.gst_buffer_add_video_meta_full(
-            buf, _FRAME_FLAG_NONE, _FORMAT_BGRX, w, h, 1, offsets, strides):
+            buf, _FRAME_FLAG_NONE, video_format, w, h, len(plane_offsets), offsets, strides):
         _gst.gst_mini_object_unref(buf)
         raise RuntimeError("gst_buffer_add_video_meta_full failed")
     if pts_ns is not None or duration_ns is not None:
@@ -221,4 +247,3 @@ def push_frame(appsrc: Gst.Element, frame: np.ndarray,
     flow = _gstapp.gst_app_src_push_buffer(gobject_pointer(appsrc), buf)
     if flow != _FLOW_OK:
         raise PushError(Gst.FlowReturn(flow))
-    return copied
