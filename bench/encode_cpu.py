@@ -113,21 +113,27 @@ def main() -> None:
     parser.add_argument("--fps", type=int, default=30)
     parser.add_argument("--frames", type=int, default=450)
     parser.add_argument("--repeat", type=int, default=8)
+    parser.add_argument("--layouts", default=",".join(LAYOUTS),
+                        help=f"which to run, comma-separated, of {','.join(LAYOUTS)}")
     args = parser.parse_args()
+    layouts = [name.strip() for name in args.layouts.split(",")]
+    if not layouts or any(name not in LAYOUTS for name in layouts):
+        parser.error(f"--layouts: choose from {', '.join(LAYOUTS)}")
     width, height = (int(v) for v in args.size.split("x"))
     if not gst_encoder.element_exists(args.element):
         sys.exit(f"{args.element} is not installed")
     pictures = frames(width, height)
     runs = [run(layout, args.element, width, height, args.fps, args.frames, pictures)
-            for _ in range(args.repeat) for layout in LAYOUTS]
+            for _ in range(args.repeat) for layout in layouts]
     summary = {}
-    for layout in LAYOUTS:
+    for layout in layouts:
         values = [r["cpu_ms_per_frame"] for r in runs if r["layout"] == layout]
         summary[layout] = {"mean_cpu_ms_per_frame": round(sum(values) / len(values), 3),
                            "min": min(values), "max": max(values)}
-    for layout in LAYOUTS[1:]:
-        summary[f"libyuv_over_{layout}"] = round(summary["libyuv"]["mean_cpu_ms_per_frame"]
-                                                 / summary[layout]["mean_cpu_ms_per_frame"], 3)
+    for layout in layouts:
+        if "libyuv" in layouts and layout != "libyuv":
+            summary[f"libyuv_over_{layout}"] = round(summary["libyuv"]["mean_cpu_ms_per_frame"]
+                                                     / summary[layout]["mean_cpu_ms_per_frame"], 3)
     print(json.dumps({"element": args.element, "size": args.size, "fps": args.fps,
                       "bit_rate": BIT_RATE, "cores": os.cpu_count(), "summary": summary,
                       "runs": runs}, indent=2))

@@ -216,3 +216,26 @@ def test_small_frames_are_converted_and_encoded_on_one_thread():
                 assert encode_sync(encoder, frame, 1).key
             finally:
                 encoder.close()
+
+
+def test_a_closed_gstreamer_encoder_is_freed_with_its_pipeline():
+    """The appsink reader's C callback and the bus handler refer back to the encoder: close()
+    must cut both, or every stream start would keep a pipeline (threads, fds) for ever."""
+    import gc
+    import weakref
+
+    import numpy as np
+
+    from spicestream.video import gst_encoder
+    from spicestream.video.elements import BY_NAME
+    from spicestream.video.encoder import encode_sync
+
+    if not gst_encoder.element_exists("x264enc"):
+        pytest.skip("no x264enc")
+    encoder = gst_encoder.GstEncoder(BY_NAME["x264enc"], 64, 64, 1_000_000, lambda f: None, print)
+    assert encode_sync(encoder, np.zeros((64, 64, 4), np.uint8), 1).key
+    probes = weakref.ref(encoder), weakref.ref(encoder.pipeline)
+    encoder.close()
+    del encoder
+    gc.collect()
+    assert [probe() for probe in probes] == [None, None]
