@@ -306,3 +306,58 @@ def test_concurrent_pushers_keep_counters_consistent():
         _stop(p)
     wraps, releases, live = WrapStats.snapshot()
     assert (wraps - wraps0, releases - releases0, live) == (8000, 8000, live0)
+
+
+
+def test_reused_buffers_come_back_only_when_nothing_else_refers_to_them():
+    """A buffer is written again only when we hold its one reference and no copy shares its
+    memory: a frame still queued or read downstream is never overwritten."""
+    import gc
+
+    from spicestream.video.gstbuffer import ReusedBuffers
+
+    w, h = 16, 8
+    size = w * h * 4
+    pipe = _run(f"appsrc name=src format=time caps={_caps(w, h)} "
+                "! appsink name=sink sync=false enable-last-sample=false")
+    live0 = WrapStats.snapshot()[2]
+    buffers = ReusedBuffers(pipe.get_by_name("src"), size, int(GstVideo.VideoFormat.BGRX), w, h,
+                            (0,), (w * 4,), limit=3)
+    sink = pipe.get_by_name("sink")
+    try:
+        pushed = []
+        for k in range(3):  # queued in the appsink: none can be taken again
+            slot = buffers.take()
+            assert slot is not None and slot not in pushed
+            slot.array[:] = k + 1
+            buffers.push(slot, k * SECOND, SECOND)
+            pushed.append(slot)
+        assert buffers.take() is None and len(buffers.slots) == 3  # the limit holds
+        samples = [_pull(sink) for _ in range(3)]
+        got = [s.get_buffer() for s in samples]
+        # each arrived as written, with its time (appsrc may pass a shallow copy)
+        assert [b.extract_dup(0, b.get_size()) for b in got] == [bytes([k + 1]) * size for k in range(3)]
+        assert [(b.pts, b.duration) for b in got] == [(k * SECOND, SECOND) for k in range(3)]
+        del samples, got
+    finally:
+        _stop(pipe)
+    # GStreamer lets go of everything (appsink keeps the last sample it gave out until freed)
+    del pipe, sink
+    gc.collect()
+    try:
+        assert all(slot._refs.value == slot._memory_refs.value == 1 for slot in pushed)
+        # what an element does to a buffer it shares but must change: a shallow copy, another
+        # buffer over the same memory; while it lives, that memory is not written
+        _gst.gst_buffer_copy.restype = ctypes.c_void_p
+        _gst.gst_buffer_copy.argtypes = [ctypes.c_void_p]
+        copies = [_gst.gst_buffer_copy(slot.buffer) for slot in pushed[:2]]
+        assert buffers.take() is pushed[2]
+        _gst.gst_mini_object_unref(copies[1])
+        assert buffers.take() is pushed[1]
+        _gst.gst_mini_object_unref(copies[0])
+        assert buffers.take() is pushed[0] and len(buffers.slots) == 3
+        assert WrapStats.snapshot()[2] == live0 + 3
+    finally:
+        buffers.close()
+    assert WrapStats.snapshot()[2] == live0
+    assert buffers.take() is None

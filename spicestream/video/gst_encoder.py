@@ -43,7 +43,7 @@ except (ImportError, ValueError) as _exc:  # no GStreamer: the built-in MJPEG st
     IMPORT_ERROR = str(_exc)
 else:
     IMPORT_ERROR = ""
-    from .gstbuffer import push_frame, push_planes
+    from .gstbuffer import ReusedBuffers, push_frame
 
     _FORMAT_I420 = int(GstVideo.VideoFormat.I420)
 
@@ -132,6 +132,10 @@ class GstEncoder(VideoEncoder):
         except GLib.Error as exc:
             raise EncoderError(f"{spec.element}: {exc}") from None
         self.src = self.pipeline.get_by_name("src")
+        if self._i420 is not None:
+            i420 = self._i420
+            self._i420_buffers = ReusedBuffers(self.src, i420.size, _FORMAT_I420, width, height,
+                                               i420.offsets, i420.strides)
         self.enc = self.pipeline.get_by_name("enc")
         self.sink = self.pipeline.get_by_name("sink")
         self._apply_bit_rate()
@@ -164,14 +168,15 @@ class GstEncoder(VideoEncoder):
         """Convert to I420 here and push that; the frame itself is not read after this returns.
         A scanout sent to an encoder made for frames in memory is mapped and read in place."""
         scanout = frame if hasattr(frame, "drm_fourcc") else None
+        slot = self._i420_buffers.take()
         try:
-            out, copied = self._i420.convert(frame if scanout is None else scanout.pixels())
+            if slot is None:  # more in flight than max_in_flight allows: cannot happen
+                raise EncoderError("every I420 buffer is in use")
+            copied = self._i420.convert(frame if scanout is None else scanout.pixels(), slot.address)
         finally:
             if scanout is not None:
                 scanout.release()
-        i420 = self._i420
-        push_planes(self.src, out, _FORMAT_I420, self.width, self.height, i420.offsets, i420.strides,
-                    pts, self._duration_ns, on_release=lambda: i420.give_back(out))
+        self._i420_buffers.push(slot, pts, self._duration_ns)
         return copied
 
     def _push_dmabuf(self, scanout, pts: int) -> int:
@@ -267,4 +272,6 @@ class GstEncoder(VideoEncoder):
         with self._pending_lock:
             self._pending.clear()
         self._in_flight = 0
+        if self._i420 is not None:
+            self._i420_buffers.close()  # the pipeline is NULL: GStreamer holds none of them
 

@@ -12,6 +12,8 @@ buffer is built and pushed entirely through ctypes on the C API:
   a bigger surface (rows ``W*4`` apart) is read in place by any element that
   maps frames with ``gst_video_frame_map`` (videoconvert, encoders).
 * ``gst_app_src_push_buffer`` takes ownership; no Python Gst.Buffer exists.
+* ``ReusedBuffers`` keeps buffers of one layout (I420 frames converted for an
+  encoder) wrapped once, and pushes each again when GStreamer has let go of it.
 
 Caller contract: pixels are read *later*, on a streaming thread.  Writing into
 the pushed region before its release (``on_release`` / ``WrapStats.live``)
@@ -31,7 +33,7 @@ from ..gstreamer import load
 
 Gst, GstApp, GstVideo = load("Gst", "GstApp", "GstVideo")
 
-__all__ = ["push_frame", "push_planes", "WrapStats", "PushError", "gobject_pointer"]
+__all__ = ["push_frame", "ReusedBuffers", "WrapStats", "PushError", "gobject_pointer"]
 
 _gst = ctypes.CDLL("libgstreamer-1.0.so.0")
 _gstvideo = ctypes.CDLL("libgstvideo-1.0.so.0")
@@ -49,6 +51,10 @@ _gst.gst_buffer_get_type.restype = ctypes.c_size_t
 _gst.gst_buffer_get_type.argtypes = []
 _gst.gst_mini_object_unref.restype = None
 _gst.gst_mini_object_unref.argtypes = [ctypes.c_void_p]
+_gst.gst_mini_object_ref.restype = ctypes.c_void_p
+_gst.gst_mini_object_ref.argtypes = [ctypes.c_void_p]
+_gst.gst_buffer_peek_memory.restype = ctypes.c_void_p
+_gst.gst_buffer_peek_memory.argtypes = [ctypes.c_void_p, ctypes.c_uint]
 
 _MAX_PLANES = GstVideo.VIDEO_MAX_PLANES
 _gstvideo.gst_buffer_add_video_meta_full.restype = ctypes.c_void_p
@@ -102,6 +108,8 @@ def _layout_matches() -> bool:
 
 
 _TIMESTAMPS_OK = _layout_matches()
+# GstMemory starts with a GstMiniObject too: its refcount lies where a buffer's does.
+_REFCOUNT_OFFSET = _GstMiniObject.refcount.offset
 
 
 class WrapStats:
@@ -193,28 +201,91 @@ def push_frame(appsrc: Gst.Element, frame: np.ndarray,
     return copied
 
 
-def push_planes(appsrc: Gst.Element, memory: np.ndarray, video_format: int, width: int,
-                height: int, offsets: tuple[int, ...], strides: tuple[int, ...],
-                pts_ns: int | None = None, duration_ns: int | None = None,
-                on_release: Callable[[], None] | None = None) -> None:
-    """Push a planar frame that lies in the contiguous uint8 array ``memory`` (plane ``i``
-    at ``offsets[i]``, rows ``strides[i]`` apart; a GstVideoMeta says so) without copying.
-    ``memory`` is kept alive, and ``on_release`` called, as for ``push_frame``."""
-    if not isinstance(appsrc, GstApp.AppSrc):
-        raise TypeError(f"expected an appsrc, got {type(appsrc).__name__}")
-    if not isinstance(memory, np.ndarray) or memory.dtype != np.uint8 \
-            or not memory.flags.c_contiguous:
-        raise ValueError("memory must be a contiguous uint8 ndarray")
-    if not 0 < len(offsets) == len(strides) <= _MAX_PLANES:
-        raise ValueError("one offset and one stride per plane")
-    if (pts_ns is not None or duration_ns is not None) and not _TIMESTAMPS_OK:
-        raise RuntimeError("GstBuffer layout not recognised; use do-timestamp")
-    _push_wrapped(appsrc, memory, memory.nbytes, video_format, width, height, offsets, strides,
-                  pts_ns, duration_ns, on_release)
+class ReusedBuffers:
+    """GstBuffers over numpy arrays of one planar layout, wrapped once and pushed again as
+    soon as GStreamer has let go of them. Per frame this costs three C calls (ref, push, and
+    the caller's own fill), where wrapping a fresh buffer costs a wrap, a video meta, a
+    destroy notify back into Python on the streaming thread, and bookkeeping: each a few
+    microseconds in a loop, ~10x that on a frame's cold path.
+
+    A buffer is free when we hold its only reference and its memory is not shared with a copy
+    (an element that had to change a buffer it shared made a shallow copy: the copy refers to
+    the same memory). Use from one thread; `close()` once the pipeline is NULL."""
+
+    class Slot:
+        __slots__ = ("array", "address", "buffer", "_refs", "_memory_refs", "_fields")
+
+    def __init__(self, appsrc: Gst.Element, nbytes: int, video_format: int, width: int,
+                 height: int, offsets: tuple[int, ...], strides: tuple[int, ...], limit: int = 8):
+        if not isinstance(appsrc, GstApp.AppSrc):
+            raise TypeError(f"expected an appsrc, got {type(appsrc).__name__}")
+        if not 0 < len(offsets) == len(strides) <= _MAX_PLANES:
+            raise ValueError("one offset and one stride per plane")
+        if not _TIMESTAMPS_OK:
+            raise RuntimeError("GstBuffer layout not recognised")
+        self._appsrc, self._appsrc_pointer = appsrc, gobject_pointer(appsrc)
+        self._layout = (nbytes, video_format, width, height, tuple(offsets), tuple(strides))
+        self.limit = limit
+        self.slots: list[ReusedBuffers.Slot] = []
+        self.closed = False
+
+    def take(self) -> "ReusedBuffers.Slot | None":
+        """A buffer nobody else holds, to fill through `slot.address`; None if `limit`
+        buffers are all in GStreamer's hands, or once closed."""
+        if self.closed:
+            return None
+        for slot in self.slots:
+            if slot._refs.value == 1 and slot._memory_refs.value == 1:
+                return slot
+        if len(self.slots) >= self.limit:
+            return None
+        nbytes, video_format, width, height, offsets, strides = self._layout
+        array = np.empty(nbytes, np.uint8)
+        slot = ReusedBuffers.Slot()
+        slot.array, slot.address = array, array.__array_interface__["data"][0]
+        slot.buffer = _wrap(array, nbytes, video_format, width, height, offsets, strides, None)
+        memory = _gst.gst_buffer_peek_memory(slot.buffer, 0)
+        slot._refs = ctypes.c_int.from_address(slot.buffer + _REFCOUNT_OFFSET)
+        slot._memory_refs = ctypes.c_int.from_address(memory + _REFCOUNT_OFFSET)
+        slot._fields = _GstBuffer.from_address(slot.buffer)
+        self.slots.append(slot)
+        return slot
+
+    def push(self, slot: "ReusedBuffers.Slot", pts_ns: int, duration_ns: int) -> None:
+        slot._fields.pts, slot._fields.duration = pts_ns, duration_ns
+        _gst.gst_mini_object_ref(slot.buffer)  # appsrc takes this reference; ours stays
+        flow = _gstapp.gst_app_src_push_buffer(self._appsrc_pointer, slot.buffer)
+        if flow != _FLOW_OK:
+            raise PushError(Gst.FlowReturn(flow))
+
+    def close(self) -> None:
+        self.closed = True
+        slots, self.slots = self.slots, []
+        for slot in slots:
+            _gst.gst_mini_object_unref(slot.buffer)  # the array goes with the last reference
 
 
 def _push_wrapped(appsrc, array: np.ndarray, span: int, video_format: int, w: int, h: int,
                   plane_offsets, plane_strides, pts_ns, duration_ns, on_release) -> None:
+    buf = _wrap(array, span, video_format, w, h, plane_offsets, plane_strides, on_release)
+    if pts_ns is not None or duration_ns is not None:
+        fields = _GstBuffer.from_address(buf)
+        if pts_ns is not None:
+            fields.pts = pts_ns
+        if duration_ns is not None:
+            fields.duration = duration_ns
+
+    # ctypes drops the GIL here, so a blocking appsrc (block=true) stalls only
+    # this thread, and the notify can run on the streaming thread meanwhile.
+    flow = _gstapp.gst_app_src_push_buffer(gobject_pointer(appsrc), buf)
+    if flow != _FLOW_OK:
+        raise PushError(Gst.FlowReturn(flow))
+
+
+def _wrap(array: np.ndarray, span: int, video_format: int, w: int, h: int, plane_offsets,
+          plane_strides, on_release) -> int:
+    """A new GstBuffer (we hold its one reference) over `array`'s first `span` bytes, with a
+    video meta; `array` lives until the buffer is freed, then `on_release` is called."""
     data = array.__array_interface__["data"][0]
     key = next(_keys)
     # Registered before the buffer exists: the notify can fire at any point
@@ -235,15 +306,4 @@ def _push_wrapped(appsrc, array: np.ndarray, span: int, video_format: int, w: in
             buf, _FRAME_FLAG_NONE, video_format, w, h, len(plane_offsets), offsets, strides):
         _gst.gst_mini_object_unref(buf)
         raise RuntimeError("gst_buffer_add_video_meta_full failed")
-    if pts_ns is not None or duration_ns is not None:
-        fields = _GstBuffer.from_address(buf)
-        if pts_ns is not None:
-            fields.pts = pts_ns
-        if duration_ns is not None:
-            fields.duration = duration_ns
-
-    # ctypes drops the GIL here, so a blocking appsrc (block=true) stalls only
-    # this thread, and the notify can run on the streaming thread meanwhile.
-    flow = _gstapp.gst_app_src_push_buffer(gobject_pointer(appsrc), buf)
-    if flow != _FLOW_OK:
-        raise PushError(Gst.FlowReturn(flow))
+    return buf

@@ -14,13 +14,12 @@ above (what spice-gtk's vp8dec and videoconvert do). So libyuv serves an encoder
 only if the encoder writes the colorimetry into the stream (x264: the SPS's VUI), and the
 others up to 576 lines; above that they keep videoconvert, which converts with BT.709 there.
 
-The I420 frames come from a small set that GStreamer gives back when it frees them: no
+The I420 frames are written into buffers GStreamer hands back (gstbuffer.ReusedBuffers): no
 allocation, and so no fresh pages to fault in, per frame.
 """
 
 from __future__ import annotations
 
-import collections
 import ctypes
 import ctypes.util
 import os
@@ -31,7 +30,6 @@ LIBRARY = "libyuv.so.0"  # Debian: libyuv0
 # GStreamer format -> libyuv function (see above for the names)
 _FUNCTIONS = {"BGRx": "ARGBToI420", "BGRA": "ARGBToI420", "RGBx": "ABGRToI420", "RGBA": "ABGRToI420"}
 CAPS = "video/x-raw,format=I420,colorimetry=bt601"
-MAX_SPARE = 4  # I420 frames kept for reuse; more in flight than this are allocated and dropped
 
 
 def _load() -> tuple[ctypes.CDLL | None, str]:
@@ -73,10 +71,7 @@ def i420_layout(width: int, height: int) -> tuple[tuple[int, int, int], tuple[in
 
 
 class I420Converter:
-    """Converts (h, w, 4) frames of one size and byte order into reusable I420 frames.
-
-    `convert` runs on the thread that submits frames; `give_back` on whichever GStreamer
-    thread frees a frame's buffer."""
+    """Converts (h, w, 4) frames of one size and byte order to I420 in GStreamer's layout."""
 
     def __init__(self, width: int, height: int, pixel_format: str, flip: bool = False):
         if not converts(pixel_format):
@@ -84,12 +79,10 @@ class I420Converter:
         self.width, self.height, self.flip = width, height, flip
         self.offsets, self.strides, self.size = i420_layout(width, height)
         self._fn = getattr(_lib, _FUNCTIONS[pixel_format])
-        self._spare: collections.deque = collections.deque()  # append/pop are atomic
-        self.allocated = 0  # I420 frames ever made: stays at the number in flight at once
 
-    def convert(self, frame: np.ndarray) -> tuple[np.ndarray, int]:
-        """`frame` (rows may be strided) as I420 in a frame of the set; returns it and the bytes
-        copied in Python to make the rows readable (0 unless the layout is unusual)."""
+    def convert(self, frame: np.ndarray, address: int) -> int:
+        """Write `frame` (rows may be strided) as I420 at `address` (`size` bytes); returns
+        the bytes copied in Python to make the rows readable (0 unless the layout is unusual)."""
         h, w = frame.shape[:2]
         if (h, w) != (self.height, self.width) or frame.dtype != np.uint8 or frame.shape[2] != 4:
             raise ValueError(f"frame {frame.shape} is not ({self.height}, {self.width}, 4) uint8")
@@ -97,21 +90,10 @@ class I420Converter:
         if frame.strides[1:] != (4, 1) or frame.strides[0] < w * 4:
             frame = np.ascontiguousarray(frame)
             copied = frame.nbytes
-        try:
-            out = self._spare.pop()
-        except IndexError:
-            out = np.empty(self.size, np.uint8)
-            self.allocated += 1
-        base = out.ctypes.data
         (y, u, v), (ys, cs, _) = self.offsets, self.strides
         # A negative height makes libyuv read the rows bottom-up: the frame turned upside down.
-        rc = self._fn(frame.ctypes.data, frame.strides[0], base + y, ys, base + u, cs, base + v, cs,
-                      w, -h if self.flip else h)
+        rc = self._fn(frame.__array_interface__["data"][0], frame.strides[0], address + y, ys,
+                      address + u, cs, address + v, cs, w, -h if self.flip else h)
         if rc != 0:
-            self.give_back(out)
             raise ValueError(f"libyuv refused a {w}x{h} frame ({rc})")
-        return out, copied
-
-    def give_back(self, out: np.ndarray) -> None:
-        if len(self._spare) < MAX_SPARE:
-            self._spare.append(out)
+        return copied
