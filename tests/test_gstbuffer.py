@@ -357,7 +357,13 @@ def test_reused_buffers_come_back_only_when_nothing_else_refers_to_them():
         _gst.gst_mini_object_unref(copies[0])
         assert buffers.take() is pushed[0] and len(buffers.slots) == 3
         assert WrapStats.snapshot()[2] == live0 + 3
+        # a push appsrc refuses (it is stopped) costs appsrc's reference, never ours
+        with pytest.raises(PushError):
+            buffers.push(pushed[0], 0, SECOND)
+        assert pushed[0]._refs.value == 1 and buffers.take() is pushed[0]
     finally:
         buffers.close()
     assert WrapStats.snapshot()[2] == live0
     assert buffers.take() is None
+    with pytest.raises(RuntimeError):
+        buffers.push(pushed[0], 0, SECOND)  # its buffer is gone

@@ -1,14 +1,20 @@
-"""The GStreamer backend: `appsrc ! videoconvert ! queue ! <encoder> ! <caps> ! appsink`.
+"""The GStreamer backend: `appsrc [! videoconvert [! queue]] ! <encoder> ! <caps> ! appsink`.
 
-Frames in memory for an encoder that takes I420 (x264, libvpx, openh264) are converted by
-libyuv as they are handed over (yuv.py: ~10x less CPU than videoconvert), and the pipeline is
-`appsrc ! <encoder> ! <caps> ! appsink`. Otherwise frames go in without a copy
-(gstbuffer.push_frame wraps the application's memory, strided regions included). Conversion and encoding run on different GStreamer threads (the queue
-between them), so at 2 frames in flight a 2-core machine converts one frame while it encodes
-the previous one. Small frames (at most SMALL_FRAME_PIXELS) are converted on one thread and
-encoded on that same thread: there the hand-offs cost more than the overlap saves. Output
-buffers come back in input order on the appsink's streaming thread and are matched to their
-input by order (encoders shift PTS, see gstreamer-python.md).
+Frames in memory for a software encoder that takes I420 (x264, libvpx, openh264) are converted
+by libyuv as they are handed over, into reused buffers (yuv.py: ~10x less CPU than
+videoconvert), and go straight to the encoder; libyuv's BT.601 is used only where the
+decoder converts back with it (yuv.py says when). Everything else (DMA-BUF scanouts,
+hardware encoders, VP8 above 576 lines, MJPEG, a machine without libyuv) goes through
+videoconvert, without a copy on the way in (gstbuffer.push_frame wraps the application's
+memory, strided regions included). There, large frames are converted on several threads and
+encoded behind a queue, so at 2 frames in flight a 2-core machine converts one frame while
+it encodes the previous one; small frames (at most SMALL_FRAME_PIXELS) are converted and
+encoded on one thread, where the hand-offs cost more than the overlap saves. Output buffers
+come back in input order on the appsink's streaming thread and are matched to their input by
+order (encoders shift PTS, see gstreamer-python.md).
+
+`encode` and `close` may come from different threads: the push of a converted frame and the
+release of its buffers at close hold one lock.
 
 A pipeline error is reported through `on_error`; the caller decides to rebuild or fall back.
 """
@@ -132,6 +138,7 @@ class GstEncoder(VideoEncoder):
         except GLib.Error as exc:
             raise EncoderError(f"{spec.element}: {exc}") from None
         self.src = self.pipeline.get_by_name("src")
+        self._push_lock = threading.Lock()
         if self._i420 is not None:
             i420 = self._i420
             self._i420_buffers = ReusedBuffers(self.src, i420.size, _FORMAT_I420, width, height,
@@ -168,15 +175,20 @@ class GstEncoder(VideoEncoder):
         """Convert to I420 here and push that; the frame itself is not read after this returns.
         A scanout sent to an encoder made for frames in memory is mapped and read in place."""
         scanout = frame if hasattr(frame, "drm_fourcc") else None
-        slot = self._i420_buffers.take()
         try:
-            if slot is None:  # more in flight than max_in_flight allows: cannot happen
-                raise EncoderError("every I420 buffer is in use")
-            copied = self._i420.convert(frame if scanout is None else scanout.pixels(), slot.address)
+            if scanout is not None and scanout.gst_format != self.pixel_format:
+                raise EncoderError(f"a {scanout.gst_format} scanout for a {self.pixel_format} encoder")
+            with self._push_lock:  # close() frees the buffers under it
+                # An encoder lets go of its input only after its output has come back to us,
+                # so more buffers than max_in_flight are out for a while: `limit` covers that.
+                slot = self._i420_buffers.take()
+                if slot is None:
+                    raise EncoderError("every I420 buffer is in use" if not self.closed else "closed")
+                copied = self._i420.convert(frame if scanout is None else scanout.pixels(), slot.address)
+                self._i420_buffers.push(slot, pts, self._duration_ns)
         finally:
             if scanout is not None:
                 scanout.release()
-        self._i420_buffers.push(slot, pts, self._duration_ns)
         return copied
 
     def _push_dmabuf(self, scanout, pts: int) -> int:
@@ -273,5 +285,6 @@ class GstEncoder(VideoEncoder):
             self._pending.clear()
         self._in_flight = 0
         if self._i420 is not None:
-            self._i420_buffers.close()  # the pipeline is NULL: GStreamer holds none of them
+            with self._push_lock:  # not while a frame is being written into one of them
+                self._i420_buffers.close()
 

@@ -113,7 +113,8 @@ _REFCOUNT_OFFSET = _GstMiniObject.refcount.offset
 
 
 class WrapStats:
-    """Process-wide counters; ``live`` = buffers GStreamer still holds."""
+    """Process-wide counters; ``live`` = wrapped buffers not yet freed (pushed ones GStreamer
+    still holds, and ``ReusedBuffers``' own until closed)."""
 
     _lock = threading.Lock()
     wraps = 0
@@ -235,6 +236,8 @@ class ReusedBuffers:
         if self.closed:
             return None
         for slot in self.slots:
+            # GStreamer drops references with atomic decrements (full barriers on x86), so
+            # once both read 1, whoever read the frame has finished with it.
             if slot._refs.value == 1 and slot._memory_refs.value == 1:
                 return slot
         if len(self.slots) >= self.limit:
@@ -252,6 +255,8 @@ class ReusedBuffers:
         return slot
 
     def push(self, slot: "ReusedBuffers.Slot", pts_ns: int, duration_ns: int) -> None:
+        if self.closed:
+            raise RuntimeError("ReusedBuffers closed")
         slot._fields.pts, slot._fields.duration = pts_ns, duration_ns
         _gst.gst_mini_object_ref(slot.buffer)  # appsrc takes this reference; ours stays
         flow = _gstapp.gst_app_src_push_buffer(self._appsrc_pointer, slot.buffer)

@@ -40,10 +40,13 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     except OSError as exc:
         return None, f"libyuv not found ({exc}; Debian: libyuv0)"
     p, i = ctypes.c_void_p, ctypes.c_int
-    for name in set(_FUNCTIONS.values()):
-        fn = getattr(lib, name)
-        fn.restype = i
-        fn.argtypes = [p, i, p, i, p, i, p, i, i, i]
+    try:
+        for name in set(_FUNCTIONS.values()):
+            fn = getattr(lib, name)
+            fn.restype = i
+            fn.argtypes = [p, i, p, i, p, i, p, i, i, i]
+    except AttributeError as exc:
+        return None, f"this libyuv lacks a function: {exc}"
     return lib, ""
 
 
