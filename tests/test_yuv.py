@@ -124,6 +124,8 @@ def test_strided_views_and_flips_convert_in_place(height):
     ("x264enc", (320, 240), True), ("x264enc", (1280, 720), True),  # the VUI says BT.601
     ("vp8enc", (320, 240), True), ("vp8enc", (640, 576), True),
     ("vp8enc", (1280, 720), False),  # vp8dec assumes BT.709 from 577 lines: videoconvert's
+    ("x265enc", (1280, 720), True),  # the VUI, as x264
+    ("vp9enc", (1280, 720), False), ("openh264enc", (1280, 720), False),  # no colorimetry sent
 ])
 def test_encoders_fed_from_memory_decode_to_the_colours_sent(element, size, converted):
     """libyuv's BT.601 goes only where the decoder converts back with BT.601, as spice-gtk's

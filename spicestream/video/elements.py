@@ -95,7 +95,7 @@ ELEMENTS: list[ElementSpec] = [
     ElementSpec("x265enc", Codec.H265, f"tune=zerolatency speed-preset=ultrafast "
                 f"key-int-max={KEY_INTERVAL} option-string=bframes=0:rc-lookahead=0:aud=1:"
                 f"repeat-headers=1:vbv-bufsize={VBV_MS}:vbv-maxrate=0:sao=1",
-                "bitrate", 1000, output_caps=H265_CAPS),
+                "bitrate", 1000, output_caps=H265_CAPS, states_colorimetry=True),  # the SPS's VUI
     # JPEG is full-range YCbCr: fed I420 (limited range) it would decode washed out, so
     # jpegenc gets BGRx and libjpeg converts.
     ElementSpec("jpegenc", Codec.MJPEG, "quality=80", None, 1, input_format="BGRx",

@@ -10,9 +10,10 @@ libyuv names formats after a little-endian 32-bit word: its "ARGB" lies B,G,R,A 
 (GStreamer's BGRx/BGRA), its "ABGR" lies R,G,B,A (RGBx/RGBA). It converts with BT.601 in
 limited range, and the caps say `colorimetry=bt601`. A decoder converts back with what the
 stream says, or else with GStreamer's default for the size: BT.601 up to 576 lines, BT.709
-above (what spice-gtk's vp8dec and videoconvert do). So libyuv serves an encoder at any size
-only if the encoder writes the colorimetry into the stream (x264: the SPS's VUI), and the
-others up to 576 lines; above that they keep videoconvert, which converts with BT.709 there.
+above (what spice-gtk's vp8dec and videoconvert do). So libyuv serves an encoder at any
+size only if the encoder writes the colorimetry into the stream (x264, x265: the SPS's VUI),
+and the others (libvpx, openh264: measured in tests/test_yuv.py) up to 576 lines; above that
+they keep videoconvert, which converts with BT.709 there.
 
 The I420 frames are written into buffers GStreamer hands back (gstbuffer.ReusedBuffers): no
 allocation, and so no fresh pages to fault in, per frame.
