@@ -56,6 +56,35 @@ def videoconvert_i420(frame: np.ndarray, pixel_format: str) -> np.ndarray:
         pipe.set_state(Gst.State.NULL)
 
 
+def decoded(encoder, codec, frame, times: int = 1):
+    """Encode `frame` `times` times (rate control settles on the first frames) and decode the
+    stream as spice-gtk does; the last picture."""
+    decoder = StreamDecoder(codec)
+    try:
+        for i in range(times):
+            picture = decoder.decode(encode_sync(encoder, frame, i).data)
+    finally:
+        decoder.close()
+    return picture
+
+
+def memfd_scanout(pixels: np.ndarray, code: str):
+    """A scanout over a memfd holding `pixels` ((h, w, 4), rows packed)."""
+    import mmap
+
+    from spicestream.display.scanout import Scanout, fourcc
+
+    h, w = pixels.shape[:2]
+    fd = os.memfd_create("scanout")
+    try:
+        os.ftruncate(fd, pixels.nbytes)
+        with mmap.mmap(fd, pixels.nbytes) as m:
+            m[:] = pixels.tobytes()
+        return Scanout(fd, w, h, w * 4, fourcc(code))
+    finally:
+        os.close(fd)
+
+
 def feeder(encoder) -> str:
     """What converts the frames for the encoder element: "videoconvert", or "appsrc" (none)."""
     element = encoder.enc
@@ -135,18 +164,14 @@ def test_encoders_fed_from_memory_decode_to_the_colours_sent(element, size, conv
     w, h = size
     spec = BY_NAME[element]
     encoder = gst_encoder.GstEncoder(spec, w, h, 20_000_000, lambda f: None, print)
-    decoder = StreamDecoder(spec.codec)
     try:
         assert (feeder(encoder), encoder._i420 is not None) == \
             (("appsrc", True) if converted else ("videoconvert", False))
         frame, edges = bars(w, h)
-        picture = None
-        for i in range(3):  # rate control settles on the first frames
-            picture = decoder.decode(encode_sync(encoder, frame, i).data)
+        picture = decoded(encoder, spec.codec, frame, times=3)
         assert picture is not None
     finally:
         encoder.close()
-        decoder.close()
     for (b, g, r), x0, x1 in zip(BARS, edges, edges[1:]):
         inner = picture[h // 4: 3 * h // 4, x0 + 4: x1 - 4, :3].reshape(-1, 3).mean(axis=0)
         assert np.abs(inner - (b, g, r)).max() <= 8, ((b, g, r), inner.round(1))
@@ -180,15 +205,12 @@ def test_without_libyuv_the_encoders_convert_with_videoconvert(monkeypatch):
         pytest.skip("no x264enc")
     w, h = 320, 240
     encoder = gst_encoder.GstEncoder(BY_NAME["x264enc"], w, h, 20_000_000, lambda f: None, print)
-    decoder = StreamDecoder(Codec.H264)
     try:
         assert feeder(encoder) == "videoconvert" and encoder._i420 is None
         frame, edges = bars(w, h)
-        for i in range(3):
-            picture = decoder.decode(encode_sync(encoder, frame, i).data)
+        picture = decoded(encoder, Codec.H264, frame, times=3)
     finally:
         encoder.close()
-        decoder.close()
     x0, x1 = edges[0], edges[1]
     assert np.abs(picture[100, x0 + 4: x1 - 4, :3].mean(axis=0) - BARS[0]).max() <= 8
 
@@ -205,30 +227,17 @@ def test_libyuv_can_be_turned_off_for_comparisons():
 def test_a_scanout_for_an_encoder_made_for_memory_is_mapped_converted_and_released():
     """Streams choose `dmabuf` by whether the display has a scanout; if one arrives anyway it
     is read in place, converted, and its reference given back at once."""
-    import mmap
-
-    from spicestream.display.scanout import Scanout, fourcc
-
     if not gst_encoder.element_exists("x264enc"):
         pytest.skip("no x264enc")
     w, h = 320, 240
     frame, edges = bars(w, h)
-    fd = os.memfd_create("scanout")
-    try:
-        os.ftruncate(fd, frame.nbytes)
-        with mmap.mmap(fd, frame.nbytes) as m:
-            m[:] = frame.tobytes()
-        scanout = Scanout(fd, w, h, w * 4, fourcc("XR24"))
-    finally:
-        os.close(fd)
+    scanout = memfd_scanout(frame, "XR24")
     encoder = gst_encoder.GstEncoder(BY_NAME["x264enc"], w, h, 20_000_000, lambda f: None, print)
-    decoder = StreamDecoder(Codec.H264)
     try:
         assert scanout.acquire() is scanout  # the reference encode() takes over
-        picture = decoder.decode(encode_sync(encoder, scanout, 1).data)
+        picture = decoded(encoder, Codec.H264, scanout)
     finally:
         encoder.close()
-        decoder.close()
     assert not scanout.closed
     scanout.release()  # ours: the last one
     assert scanout.closed
@@ -238,16 +247,9 @@ def test_a_scanout_for_an_encoder_made_for_memory_is_mapped_converted_and_releas
 
 @needs_libyuv
 def test_a_scanout_in_another_byte_order_is_refused_not_converted_wrongly():
-    from spicestream.display.scanout import Scanout, fourcc
-
     if not gst_encoder.element_exists("x264enc"):
         pytest.skip("no x264enc")
-    fd = os.memfd_create("scanout")
-    try:
-        os.ftruncate(fd, 64 * 64 * 4)
-        scanout = Scanout(fd, 64, 64, 64 * 4, fourcc("XB24"))  # RGBx
-    finally:
-        os.close(fd)
+    scanout = memfd_scanout(np.zeros((64, 64, 4), np.uint8), "XB24")  # RGBx
     errors = []
     encoder = gst_encoder.GstEncoder(BY_NAME["x264enc"], 64, 64, 1_000_000, lambda f: None, errors.append)
     try:

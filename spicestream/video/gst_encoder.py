@@ -94,15 +94,15 @@ def pipeline_description(spec: ElementSpec, width: int, height: int, fps: int,
         split = not is_small
     threads, queue = (CONVERT_THREADS, "! queue max-size-buffers=2 max-size-bytes=0 max-size-time=0 ") \
         if split else (1, "")
+    source = "appsrc name=src is-live=true format=time do-timestamp=false block=false caps="
+    size = f"width={width},height={height},framerate={fps}/1"
     tail = (f"! {spec.element} name=enc {spec.properties}{small}{caps_out} "
             f"! appsink name=sink emit-signals=true sync=false max-buffers=8 drop=false")
     if converted:
-        return (f"appsrc name=src is-live=true format=time do-timestamp=false block=false "
-                f"caps={yuv.CAPS},width={width},height={height},framerate={fps}/1 {tail}")
+        return f"{source}{yuv.CAPS},{size} {tail}"
     # (videoflip's older `method` property is accepted and ignored here: video-direction.)
     return (
-        f"appsrc name=src is-live=true format=time do-timestamp=false block=false "
-        f"caps=video/x-raw,format={pixel_format},width={width},height={height},framerate={fps}/1 "
+        f"{source}video/x-raw,format={pixel_format},{size} "
         f"{'! videoflip video-direction=vert ' if flip else ''}"
         f"! videoconvert n-threads={threads} ! video/x-raw,format={spec.input_format} "
         f"{queue}{tail}"

@@ -197,8 +197,19 @@ def push_frame(appsrc: Gst.Element, frame: np.ndarray,
         copied = frame.nbytes
         row_stride = w * 4
     span = (h - 1) * row_stride + w * 4
-    _push_wrapped(appsrc, frame, span, _FORMAT_BGRX, w, h, (0,), (row_stride,), pts_ns,
-                  duration_ns, on_release)
+    buf = _wrap(frame, span, _FORMAT_BGRX, w, h, (0,), (row_stride,), on_release)
+    if pts_ns is not None or duration_ns is not None:
+        fields = _GstBuffer.from_address(buf)
+        if pts_ns is not None:
+            fields.pts = pts_ns
+        if duration_ns is not None:
+            fields.duration = duration_ns
+
+    # ctypes drops the GIL here, so a blocking appsrc (block=true) stalls only
+    # this thread, and the notify can run on the streaming thread meanwhile.
+    flow = _gstapp.gst_app_src_push_buffer(gobject_pointer(appsrc), buf)
+    if flow != _FLOW_OK:
+        raise PushError(Gst.FlowReturn(flow))
     return copied
 
 
@@ -268,23 +279,6 @@ class ReusedBuffers:
         slots, self.slots = self.slots, []
         for slot in slots:
             _gst.gst_mini_object_unref(slot.buffer)  # the array goes with the last reference
-
-
-def _push_wrapped(appsrc, array: np.ndarray, span: int, video_format: int, w: int, h: int,
-                  plane_offsets, plane_strides, pts_ns, duration_ns, on_release) -> None:
-    buf = _wrap(array, span, video_format, w, h, plane_offsets, plane_strides, on_release)
-    if pts_ns is not None or duration_ns is not None:
-        fields = _GstBuffer.from_address(buf)
-        if pts_ns is not None:
-            fields.pts = pts_ns
-        if duration_ns is not None:
-            fields.duration = duration_ns
-
-    # ctypes drops the GIL here, so a blocking appsrc (block=true) stalls only
-    # this thread, and the notify can run on the streaming thread meanwhile.
-    flow = _gstapp.gst_app_src_push_buffer(gobject_pointer(appsrc), buf)
-    if flow != _FLOW_OK:
-        raise PushError(Gst.FlowReturn(flow))
 
 
 def _wrap(array: np.ndarray, span: int, video_format: int, w: int, h: int, plane_offsets,
