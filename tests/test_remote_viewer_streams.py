@@ -414,3 +414,64 @@ def test_remote_viewer_joining_a_running_shared_stream_sees_it(tmp_path):
         assert len(streams) == 2 and all(s and s["shared_by"] == 2 for s in streams), streams
     finally:
         server.stop()
+
+
+# Colours (RGB) a decoder converting with the wrong matrix (BT.709 for BT.601) shows 15-45
+# levels off: red, green, blue, cyan, magenta, yellow, and two mixed ones.
+BAR_COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (0, 255, 255), (255, 0, 255), (255, 255, 0),
+               (200, 90, 40), (30, 60, 200)]
+
+
+class BarsPlayer(Paced):
+    """Colour bars over the whole display, and a white square sliding along the top band so
+    that every frame is new; full-screen damage, as a video player gives."""
+
+    def __init__(self, display, width: int, height: int):
+        self.display, self.width, self.height = display, width, height
+        self.base = np.zeros((height, width, 4), np.uint8)
+        edges = np.linspace(0, width, len(BAR_COLOURS) + 1).astype(int)
+        for (r, g, b), x0, x1 in zip(BAR_COLOURS, edges, edges[1:]):
+            self.base[height // 4:, x0:x1, :3] = (b, g, r)
+        self.base[..., 3] = 255
+        super().__init__(30)
+
+    def draw(self, k: int) -> None:
+        frame = self.base.copy()
+        x = (k * 8) % (self.width - 64)
+        frame[32:96, x:x + 64, :3] = 255
+        self.display.update(frame, damage=[(0, 0, self.width, self.height)])
+
+
+@pytest.mark.parametrize("codecs,decoder,size", [
+    ("gstreamer:h264", "avdec_h264", (1280, 720)),  # libyuv's BT.601, said in the stream's VUI
+    ("gstreamer:h264", "avdec_h264", (640, 480)),
+    ("gstreamer:vp8", "vp8dec", (1280, 720)),  # videoconvert's BT.709, which vp8dec assumes here
+], ids=["h264-720p", "h264-480p", "vp8-720p"])
+def test_remote_viewer_shows_the_colours_sent(codecs, decoder, size, tmp_path):
+    """The colour conversion before the encoder and the client's after its decoder use the
+    same matrix: each bar's colour is on remote-viewer's screen, as sent, over a large area."""
+    if not decoder_installed(decoder):
+        pytest.skip(f"the client's GStreamer has no {decoder}")
+    width, height = size
+    server = spicestream.Server(port=0, width=width, height=height, video_codecs=codecs,
+                                streaming_video="all")
+    server.start()
+    try:
+        with xclient.XSession(1600, 1000, log_dir=tmp_path) as x, \
+                BarsPlayer(server.display, width, height):
+            x.find_window(x.start_viewer(f"spice://127.0.0.1:{server.port}"))
+            xclient.wait_until(lambda: active_stream(server, 60), 30, 0.2, "a stream with frames")
+            shot = x.screenshot()
+            x.save(shot, tmp_path / "bars.png")
+            stats = server.stats()["clients"][0]["streams"]
+            assert stats["active"]["codec_entry"] == codecs and stats["failed_codecs"] == []
+    finally:
+        server.stop()
+    # Each bar is 1/8 of the width by 3/4 of the height (86,400 pixels at 720p); a quarter of
+    # that is asked for, room for the window scaling the display down (to ~0.87 here), counted
+    # within 12 levels of the colour. With the other matrix none is that close.
+    least = width * height * 3 // 4 // len(BAR_COLOURS) // 4
+    pixels = shot.astype(np.int16)
+    for rgb in BAR_COLOURS:
+        near = int((np.abs(pixels - np.array(rgb, np.int16)) <= 12).all(axis=2).sum())
+        assert near >= least, f"{rgb}: {near} pixels within 12 levels on screen, {least} expected"
