@@ -361,3 +361,34 @@ def test_closing_the_resizer_while_a_resize_runs_on_another_thread(tmp_path):
         result = subprocess.run([sys.executable, "-c", RESIZE_WHILE_CLOSING, x.display],
                                 capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "closed cleanly" in result.stdout, result.stderr[-2000:]
+
+
+def test_the_capture_loop_outlives_an_x_error_and_follows_a_screen_change(served, tmp_path):
+    """The loop reads X events raw (sources/xcb.py). An error for a request nobody waits on
+    comes as an event: it is logged, and capture goes on (through xcffib it was raised out
+    of the event poll and ended the capture thread). A RandR screen change read from the
+    queue resizes the display."""
+    from spicestream.sources.x11randr import X11Resizer
+
+    source = served.source
+    with TestClient("127.0.0.1", served.server.port) as client:
+        client.wait_for(lambda c: c.frame is not None and c.frame.shape[:2] == (H, W), what="the desktop")
+        with source.lock:
+            source.conn.core.FreePixmap(0x1FFFFF)  # no such pixmap: BadPixmap, queued for the loop
+            source.conn.flush()
+        source.conn.core.GetInputFocus().reply()  # the error is in the queue before we go on
+        picture = show_picture(served.x, markers_rgb(), tmp_path)
+        try:
+            client.wait_for(lambda c: np.array_equal(c.frame[..., 2::-1], served.x.screenshot()),
+                            timeout=20, what="the picture drawn after the error")
+        finally:
+            picture.close()
+        assert served.export.thread.is_alive()
+        resizer = X11Resizer(served.x.display)
+        try:
+            assert resizer.resize(W - 100, H - 80)
+            client.wait_for(lambda c: c.frame is not None and c.frame.shape[:2] == (H - 80, W - 100),
+                            timeout=20, what="the client's surface at the new screen size")
+        finally:
+            resizer.close()
+        assert (source.width, source.height) == (W - 100, H - 80)

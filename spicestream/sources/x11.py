@@ -1,6 +1,7 @@
 """Serve a running X server: capture with MIT-SHM, damage from DAMAGE, size from RandR,
 cursor from XFIXES, input through XTEST, the client's window size back through RandR
-(x11randr.py), the selections both ways (x11clip.py). An ordinary X client, through xcffib.
+(x11randr.py), the selections both ways (x11clip.py). An ordinary X client, through xcffib;
+the capture loop's per-frame events and requests go to libxcb directly (xcb.py).
 
 Capture goes into a ring of SysV shared-memory segments the X server writes into directly;
 each published frame is a numpy view on one of them, so the picture reaches the encoder
@@ -23,6 +24,7 @@ import time
 import numpy as np
 
 from .x11clip import X11ClipboardBridge
+from .xcb import DAMAGE_AREA, DAMAGE_AREA_AT, SCREEN_SIZE, SCREEN_SIZE_AT, RawXcb, XcbConnectionLost, XcbError
 from .x11randr import X11Resizer
 
 log = logging.getLogger("spicestream.x11")
@@ -133,14 +135,14 @@ class X11Source:
         import xcffib.xproto
         import xcffib.xtest
 
-        self.xcffib, self.xproto = xcffib, xcffib.xproto
-        self.ext = xcffib
+        self.xcffib = xcffib
         try:
             self.conn = xcffib.connect(display=display_name)
         except Exception as exc:
             raise X11Error(f"cannot connect to X display {display_name}: {exc}") from None
-        missing = [name for name in REQUIRED_EXTENSIONS
-                   if not self.conn.core.QueryExtension(len(name), name).reply().present]
+        extensions = {name: self.conn.core.QueryExtension(len(name), name).reply()
+                      for name in REQUIRED_EXTENSIONS}
+        missing = [name for name, reply in extensions.items() if not reply.present]
         if missing:
             self.conn.disconnect()
             raise X11Error(f"X display {display_name} lacks the extension(s) {', '.join(missing)}")
@@ -155,6 +157,12 @@ class X11Source:
         self.damage_ext.QueryVersion(1, 1).reply()
         self.xfixes.QueryVersion(4, 0).reply()
         self.randr.QueryVersion(1, 2).reply()
+        # The event codes the capture loop reads raw (xcb.py): DamageNotify, RandR's
+        # ScreenChangeNotify (each its extension's first), XFIXES' CursorNotify (its second).
+        self._damage_event = extensions["DAMAGE"].first_event
+        self._screen_event = extensions["RANDR"].first_event
+        self._cursor_event = extensions["XFIXES"].first_event + 1
+        self.xcb = RawXcb(self.conn)
         self.lock = threading.Lock()  # requests come from the capture and the server threads
         self.segments: list[ShmSegment] = []
         self.width = self.height = 0
@@ -201,11 +209,7 @@ class X11Source:
             bands = [(0, self.height)]
         stride = self.width * 4
         with self.lock:
-            cookies = [self.shm.GetImage(self.root, 0, top, self.width, bottom - top, 0xFFFFFFFF,
-                                         self.xproto.ImageFormat.ZPixmap, seg.seg, top * stride)
-                       for top, bottom in bands]
-            for cookie in cookies:  # sent together: one round trip
-                cookie.reply()
+            self.xcb.shm_get_images(self.root, seg.seg, self.width, bands, stride)
         self._stale[index] = []
         self.rows_captured += sum(b - a for a, b in bands)
         frame = seg.array.reshape(self.height, self.width, 4)
@@ -221,22 +225,26 @@ class X11Source:
             pacer = CapturePacer(self.fps)
             pacer.captured(time.monotonic())
             self._loop(stop, pacer, self.conn.get_file_descriptor())
-        except self.xcffib.ConnectionException as exc:
+        except (self.xcffib.ConnectionException, XcbConnectionLost) as exc:
             raise X11Error(f"the X server has exited ({exc})") from None
 
     def _loop(self, stop: threading.Event, pacer: CapturePacer, fd: int) -> None:
         import select
 
+        poll = self.xcb.poll_event
+        damage_event, screen_event, cursor_event = self._damage_event, self._screen_event, self._cursor_event
         damage, resized, cursor = [], None, False
         while not stop.is_set():
-            while (event := self.conn.poll_for_event()) is not None:
-                if isinstance(event, self.ext.damage.NotifyEvent):
-                    a = event.area
-                    damage.append((a.x, a.y, a.width, a.height))
-                elif isinstance(event, self.ext.randr.ScreenChangeNotifyEvent):
-                    resized = (event.width, event.height)
-                elif isinstance(event, self.ext.xfixes.CursorNotifyEvent):
+            while (event := poll()) is not None:
+                kind = event[0] & 0x7F  # bit 7: sent by SendEvent, the same event to us
+                if kind == damage_event:
+                    damage.append(DAMAGE_AREA.unpack_from(event, DAMAGE_AREA_AT))
+                elif kind == screen_event:
+                    resized = SCREEN_SIZE.unpack_from(event, SCREEN_SIZE_AT)
+                elif kind == cursor_event:
                     cursor = True
+                elif kind == 0:  # an error for a request nobody waits on (input, cursor)
+                    log.debug("X error %d for a request of ours", event[1])
             if cursor:
                 self._update_cursor()
                 cursor = False
@@ -260,9 +268,9 @@ class X11Source:
                 self.capture(None)
             elif damage:
                 self.capture(damage)
-        except self.xcffib.ConnectionException:
+        except (self.xcffib.ConnectionException, XcbConnectionLost):
             raise
-        except self.xcffib.XcffibException as exc:
+        except (self.xcffib.XcffibException, XcbError) as exc:
             # The screen changed size between its damage and its ScreenChangeNotify: a capture
             # of the old size does not fit (BadMatch). Take the size it has now.
             self._follow_screen(exc)
@@ -344,6 +352,7 @@ class X11Source:
             for seg in self.segments:
                 seg.close(self.shm)
             self.segments = []
+            self.xcb.close()
             try:
                 self.conn.disconnect()
             except Exception:
