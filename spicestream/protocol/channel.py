@@ -36,11 +36,11 @@ class AckWindow:
         return self.generation > 0
 
     @property
-    def open(self) -> bool:
-        return not self.active or self.unacked <= 2 * self.window
+    def open(self) -> bool:  # read per frame: `active` spelt out
+        return self.generation <= 0 or self.unacked <= 2 * self.window
 
     def sent(self, count: int = 1) -> None:
-        if self.active:
+        if self.generation > 0:  # active
             self.unacked += count
 
     def ack(self) -> None:
@@ -75,7 +75,7 @@ class ChannelProtocol:
     def send(self, message) -> int:
         """Queue a message; returns the number of body bytes."""
         type_id, parts = self.outgoing.encode_parts(message)
-        size = sum(len(p) for p in parts)
+        size = sum(map(len, parts))
         self._out.append(self._writer.header(type_id, size))
         self._out.extend(parts)
         self.messages_out += 1

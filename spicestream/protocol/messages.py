@@ -207,8 +207,11 @@ class Direction:
             self._type_of[layout.type] = type_id
             self._layout_of[layout.type] = layout
             setattr(self.names, full, layout.type)
+            # Also an attribute of our own: `SERVER.DISPLAY_STREAM_DATA` is read per frame,
+            # and a plain attribute is found without a call to __getattr__.
+            self.__dict__[full] = layout.type
 
-    def __getattr__(self, name):
+    def __getattr__(self, name):  # not a message: names says so (AttributeError)
         return getattr(self.names, name)
 
     def layouts(self):
@@ -227,10 +230,8 @@ class Direction:
         """The declaration of this message type on this channel; None if we know none."""
         layout = self._by_key.get((None, type_id)) if type_id < 100 else None
         if layout is None:
-            try:
-                layout = self._by_key.get((Ch(channel), type_id))
-            except ValueError:
-                return None
+            # Ch is an IntEnum: a plain int finds (Ch.X, type_id), and an unknown one nothing.
+            layout = self._by_key.get((channel, type_id))
         return layout
 
     def body_limit(self, channel: int, type_id: int) -> int:

@@ -91,8 +91,10 @@ class Blob:
     def __init__(self, length: Scalar):
         self.length = length
 
-    def pack(self, value: Any) -> bytes:
-        return self.length.pack(len(value)) + bytes(value)
+    def pack(self, value: Any) -> list:
+        # The length, then the bytes as they are: an encoded frame reaches the socket
+        # without a copy here.
+        return [self.length.pack(len(value)), value if type(value) is bytes else bytes(value)]
 
     def unpack(self, buf: memoryview, offset: int) -> tuple[Any, int]:
         n, offset = self.length.unpack(buf, offset)
@@ -184,23 +186,36 @@ class Layout:
             else:
                 break
         self._fixed = len(run)
-        self._fixed_has_records = any(isinstance(f, Record) for f in run)
+        # Which fields of that run are records (flattened into the struct), None if none.
+        records = tuple(isinstance(f, Record) for f in run)
+        self._records_at = records if any(records) else None
         self._fixed_struct = struct.Struct("<" + "".join(f.struct.format[1:] for f in run))
         # The body size when every field is fixed-size, else None (arrays, blobs, the rest).
         self.fixed_size = self._fixed_struct.size if self._fixed == len(fields) else None
+        # The fields after the run, when none is a pointer: packed one after the other.
+        tail = fields[self._fixed :]
+        self._plain_tail = None if any(isinstance(f, Pointer) for _, f in tail) else tuple(f for _, f in tail)
 
     def pack_parts(self, value: Any) -> list[Any]:
         """Pack to a list of bytes-like parts (large payloads are passed through uncopied)."""
         fixed = value[: self._fixed]
-        if self._fixed_has_records:
+        if self._records_at is not None:
             flat = []
-            for f, v in zip(self.fields, fixed):
-                if isinstance(f[1], Record):
+            for is_record, v in zip(self._records_at, fixed):
+                if is_record:
                     flat.extend(v)
                 else:
                     flat.append(v)
             fixed = flat
         parts = [self._fixed_struct.pack(*fixed)]
+        if self._plain_tail is not None:  # every message but DRAW_COPY: no offsets to fill
+            for f, v in zip(self._plain_tail, value[self._fixed :]):
+                packed = f.pack(v)
+                if type(packed) is list:
+                    parts.extend(packed)
+                else:
+                    parts.append(packed)
+            return parts
         pos, offsets, patches = len(parts[0]), {}, []
         for (name, f), v in zip(self.fields[self._fixed :], value[self._fixed :]):
             offsets[name] = pos

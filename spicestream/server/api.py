@@ -359,12 +359,13 @@ class Server:
         if self._core.video_codecs is not None:
             # Probe encoders now, off the loop, so the first stream does not wait for it.
             loop.run_in_executor(None, lambda: self._core.video_codecs.probe).add_done_callback(_probe_done)
-        ticker = loop.create_task(self._tick())
+        self._last_stats_log = time.monotonic()
+        self._ticker = loop.call_later(TICK_S, self._tick, loop)
         self._ready.set()
         try:
             await self._stopping.wait()
         finally:
-            ticker.cancel()
+            self._ticker.cancel()
             for each in listeners:
                 each.close()
             self._core.disconnect_all("server stopping")
@@ -380,22 +381,22 @@ class Server:
             self._core.audio.reset()  # no timer of a dead loop; a restart starts streams anew
             self._loop = None
 
-    async def _tick(self) -> None:
+    def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
         # Streams end when their region goes still, also when the application stops drawing;
-        # rate control samples the transports at the same pace.
-        last_log = time.monotonic()
-        while True:
-            await asyncio.sleep(TICK_S)
-            now = time.monotonic()
-            try:
-                self.display.tick(now)
-                self._core.control_tick(now)
-            except Exception:  # one bad connection must not stop ticks for everyone
-                log.exception("periodic tick failed")
-            if now - last_log >= STATS_LOG_S and log.isEnabledFor(logging.DEBUG):
-                last_log = now
-                for client in self._collect_stats()["clients"]:
-                    log.debug("stats %s", client)
+        # rate control samples the transports at the same pace. A timer that re-arms itself,
+        # not a task sleeping in a loop: 20 times a second, a timer handle instead of a
+        # future, a timer and a task step.
+        self._ticker = loop.call_later(TICK_S, self._tick, loop)
+        now = time.monotonic()
+        try:
+            self.display.tick(now)
+            self._core.control_tick(now)
+        except Exception:  # one bad connection must not stop ticks for everyone
+            log.exception("periodic tick failed")
+        if now - self._last_stats_log >= STATS_LOG_S and log.isEnabledFor(logging.DEBUG):
+            self._last_stats_log = now
+            for client in self._collect_stats()["clients"]:
+                log.debug("stats %s", client)
 
     def stats(self) -> dict:
         """Per display client: its stream's encoder and send statistics. Callable from any

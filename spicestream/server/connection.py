@@ -376,10 +376,14 @@ class ChannelConnection(asyncio.Protocol):
 
     # -- linked ----------------------------------------------------------------------------
     def _receive_messages(self, data: bytes) -> None:
+        window_shut = not self.proto.can_send
         for message in self.proto.receive_data(data):
             self.handler.handle(message)
         self.flush()
-        self.handler.writable()  # an ACK may have reopened the window
+        if window_shut and self.proto.can_send:
+            # An ACK reopened the window. Otherwise what a message changes is sent by its
+            # handler, and a channel's pending work has its own wakes (display, socket).
+            self.handler.writable()
 
     def send(self, message) -> None:
         self.proto.send(message)

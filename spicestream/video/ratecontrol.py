@@ -62,6 +62,7 @@ class RateController:
         self.stats = RateStats()
         self._acked: collections.deque = collections.deque()  # (now, bytes_acked)
         self._sent: collections.deque = collections.deque()  # (now, frame bytes)
+        self._sent_bytes = 0  # the sum of _sent's frame bytes
         self._last_decrease = -1e9
         self._queue_at_cut = 0.0
         self._last_admitted = now
@@ -104,14 +105,15 @@ class RateController:
     def on_sent(self, now: float, nbytes: int) -> None:
         """A frame of `nbytes` went to the socket (measures what the encoder really uses)."""
         self._sent.append((now, nbytes))
+        self._sent_bytes += nbytes
         while self._sent and now - self._sent[0][0] > BANDWIDTH_WINDOW_S:
-            self._sent.popleft()
+            self._sent_bytes -= self._sent.popleft()[1]
 
     def sent_rate(self, now: float) -> float:
         if len(self._sent) < 2:
             return 0.0
         span = max(now - self._sent[0][0], 1.0 / self.fps)
-        return sum(n for _, n in self._sent) * 8 / span
+        return self._sent_bytes * 8 / span
 
     def _using_allowance(self, now: float) -> bool:
         # Raising a target the encoder does not reach (easy content) would only inflate it
