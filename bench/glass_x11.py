@@ -38,6 +38,12 @@ encoding; queueN:src: the encoder behind a queue); Xspice's are Xorg's main thre
 "SPICE Worker" and GStreamer's. `server_tcp_bytes_per_s`: bytes the server sent on its SPICE
 connections over the window (`ss -ti` bytes_sent, all channels), i.e. the bit rate.
 
+`--count-calls` (spicestream side): the CLI runs under bench/callcount.py, which counts the
+Python calls of each of its Python threads over the window; `python_calls_per_frame` and
+`python_calls_top` (caller, callee, calls a frame) come out per thread. A steadier figure than
+CPU for how much Python a frame runs; the hook slows the server, so that run's CPU and latency
+say nothing.
+
 Reading the numbers: Xspice's ~410 ms is almost all by design, not work: spice-server stamps
 stream frames with its multimedia clock and gives the client that clock MM_TIME_DELTA = 400 ms
 behind (reds.c), and spice-gtk shows each stream frame when its stamp comes due (a playback
@@ -291,12 +297,16 @@ class Spicestream:
 
     name = "spicestream"
 
-    def __init__(self, codec: str, screen: tuple[int, int], log_dir: Path):
+    def __init__(self, codec: str, screen: tuple[int, int], log_dir: Path, count_calls: bool = False):
         import xclient
         self.x = xclient.XSession(*screen, log_dir=log_dir / "served").start()
         self.display = self.x.display
         self.port = free_port()
-        self.command = [str(ROOT / ".venv/bin/spicestream"), "-v", "serve", "--source", "x11",
+        # --count-calls: the same CLI under bench/callcount.py (SIGUSR1/SIGUSR2 bound the window)
+        self.calls_path = log_dir / "calls.json" if count_calls else None
+        launcher = ([str(ROOT / ".venv/bin/python"), str(ROOT / "bench/callcount.py"), str(self.calls_path), "--"]
+                    if count_calls else [str(ROOT / ".venv/bin/spicestream")])
+        self.command = [*launcher, "-v", "serve", "--source", "x11",
                         "--x-display", self.display, "--host", "127.0.0.1", "--port", str(self.port),
                         "--disable-ticketing", "--video-codecs", CODECS[codec],
                         "--streaming-video", "all"]
@@ -508,14 +518,19 @@ def summarise(times: list[float], transitions: list, n_strips: int, t0: float, s
 
 
 def run_case(side: str, codec: str, screen: tuple[int, int], fps: int, seconds: float, warmup: float,
-             mode: str, log_dir: Path) -> dict:
+             mode: str, log_dir: Path, count_calls: bool = False) -> dict:
     import xclient
 
     width, height = CONTENT
     case_dir = log_dir / f"{side}-{codec}"
     served = drawer = capturer = None
+    calls = None
     try:
-        served = (Spicestream if side == "spicestream" else Xspice)(codec, screen, case_dir)
+        if side == "spicestream":
+            served = Spicestream(codec, screen, case_dir, count_calls)
+        else:
+            served = Xspice(codec, screen, case_dir)
+        counting = getattr(served, "calls_path", None) is not None
         drawer = Drawer(served.display, width, height, fps)
         with xclient.XSession(*VIEWER_SCREEN, log_dir=case_dir / "viewer") as x:
             viewer = x.start_viewer(f"spice://127.0.0.1:{served.port}", "--zoom=100")
@@ -534,6 +549,8 @@ def run_case(side: str, codec: str, screen: tuple[int, int], fps: int, seconds: 
             server_pids = served.server_pids()
             client_pids = {"remote_viewer": viewer.pid, "viewer_xvfb": x.xvfb.pid,
                            "capturer": capturer.proc.pid, "drawing_client": drawer.proc.pid}
+            if counting:
+                served.proc.send_signal(signal.SIGUSR1)
             t0 = time.monotonic()
             cpu_a = {k: cpu_seconds(p) for k, p in {**server_pids, **client_pids}.items()}
             threads_a = {k: thread_cpu(p) for k, p in server_pids.items()}
@@ -546,6 +563,9 @@ def run_case(side: str, codec: str, screen: tuple[int, int], fps: int, seconds: 
             threads_b = {k: thread_cpu(p) for k, p in server_pids.items()}
             w_b = tcp_bytes_sent(served.port)
             busy_b = machine_busy()
+            if counting:
+                served.proc.send_signal(signal.SIGUSR2)
+                calls = xclient.wait_until(lambda: read_calls(served.calls_path), 10, 0.1, "the call counts")
             libs = loaded_libraries(viewer.pid)
             time.sleep(1.0)
             seen = capturer.result(timeout=20)
@@ -579,7 +599,22 @@ def run_case(side: str, codec: str, screen: tuple[int, int], fps: int, seconds: 
                    "origin": [round(mapping[2], 1), round(mapping[3], 1)], "decoder_libs": libs},
         "server_notes": served.notes(),
     })
+    if calls is not None:
+        frames = max(1, drawn_in_window)
+        row["python_calls_per_frame"] = {t: round(n / frames, 1) for t, n in sorted(
+            calls["totals"].items(), key=lambda kv: -kv[1]) if n >= frames / 10}
+        row["python_calls_top"] = {t: [[caller, callee, round(n / frames, 2)] for caller, callee, n in rows[:20]]
+                                   for t, rows in calls["top"].items() if t in row["python_calls_per_frame"]}
+        row["python_calls_note"] = ("counted with a profile hook (bench/callcount.py): CPU and latency "
+                                    "figures of this run are not comparable")
     return row
+
+
+def read_calls(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # not written yet, or half written
+        return None
 
 
 def main() -> None:
@@ -596,6 +631,9 @@ def main() -> None:
                              "drawn (little CPU), or as fast as possible (a core on its own)")
     parser.add_argument("--log-dir", help="keep logs here (default: a temporary folder)")
     parser.add_argument("--output", help="also write the JSON to this file")
+    parser.add_argument("--count-calls", action="store_true",
+                        help="count the Python calls per frame of spicestream's threads (bench/callcount.py); "
+                             "the hook slows the server, so its CPU and latency figures are not comparable")
     parser.add_argument("--draw-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.draw_child:
@@ -625,7 +663,7 @@ def main() -> None:
             for side in sides:
                 try:
                     row = run_case(side, codec, screen, args.fps, args.seconds, args.warmup, args.capture,
-                                   log_dir)
+                                   log_dir, args.count_calls)
                 except Exception as exc:  # one case failing is a result too
                     row = {"side": side, "codec": codec, "error": f"{type(exc).__name__}: {exc}"}
                 results.append(row)
