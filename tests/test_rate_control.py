@@ -243,3 +243,33 @@ def test_shaped_link_converges_keeps_latency_and_memory_flat_and_recovers():
     assert p95 < 0.250, f"{shaping}: capture-to-arrival p95 {p95 * 1000:.0f} ms"
     assert growth < 30, f"server memory grew {growth} MiB over 60 s"
     assert climbed, f"bit rate did not climb past {climb_mark:.0f} after the limit was lifted"
+
+
+def test_tcp_info_reads_what_the_kernel_counts():
+    """The fields come out of one unpack at their offsets in struct tcp_info: what a loopback
+    peer acknowledged is the bytes written; a unix socket has no TCP_INFO."""
+    import socket
+    import time
+
+    from spicestream.server import tcpinfo
+
+    with socket.create_server(("127.0.0.1", 0)) as listener, \
+            socket.create_connection(listener.getsockname()) as sender:
+        receiver, _ = listener.accept()
+        with receiver:
+            assert tcpinfo.is_tcp(sender)
+            sender.sendall(b"x" * 50_000)
+            received = 0
+            while received < 50_000:
+                received += len(receiver.recv(65536))
+            # Linux counts the SYN as one byte acknowledged.
+            deadline = time.monotonic() + 10
+            while (info := tcpinfo.read(sender)).bytes_acked < 50_001 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert info.bytes_acked == 50_001
+            assert info.notsent_bytes == 0 and info.unacked_segments == 0
+            assert 0 < info.min_rtt_us <= info.rtt_us < 1_000_000
+            assert tcpinfo.read(sender, tcp=True).bytes_acked == 50_001
+    a, b = socket.socketpair()
+    with a, b:
+        assert not tcpinfo.is_tcp(a) and tcpinfo.read(a) is None

@@ -189,6 +189,8 @@ class Layout:
         # Which fields of that run are records (flattened into the struct), None if none.
         records = tuple(isinstance(f, Record) for f in run)
         self._records_at = records if any(records) else None
+        # One record (a stream frame's dest Rect): flattened by unpacking around it, no loop.
+        self._record_index = records.index(True) if records.count(True) == 1 else None
         self._fixed_struct = struct.Struct("<" + "".join(f.struct.format[1:] for f in run))
         # The body size when every field is fixed-size, else None (arrays, blobs, the rest).
         self.fixed_size = self._fixed_struct.size if self._fixed == len(fields) else None
@@ -199,7 +201,10 @@ class Layout:
     def pack_parts(self, value: Any) -> list[Any]:
         """Pack to a list of bytes-like parts (large payloads are passed through uncopied)."""
         fixed = value[: self._fixed]
-        if self._records_at is not None:
+        if self._record_index is not None:
+            i = self._record_index
+            fixed = (*fixed[:i], *fixed[i], *fixed[i + 1 :])
+        elif self._records_at is not None:
             flat = []
             for is_record, v in zip(self._records_at, fixed):
                 if is_record:
