@@ -392,3 +392,28 @@ def test_the_capture_loop_outlives_an_x_error_and_follows_a_screen_change(served
         finally:
             resizer.close()
         assert (source.width, source.height) == (W - 100, H - 80)
+
+
+def test_the_resizer_connects_again_after_its_x_connection_broke(tmp_path):
+    """A broken connection is dropped and the next resize makes a new one (the handler for
+    broken connections came after the one for X errors, which also caught them: the dead
+    connection was kept and every later resize failed)."""
+    import os
+    import socket
+
+    from spicestream.sources.x11randr import X11Resizer
+
+    with xclient.XSession(W, H, log_dir=tmp_path / "served") as x:
+        resizer = X11Resizer(x.display)
+        try:
+            assert resizer.resize(W - 100, H - 80)
+            # Break the link under libxcb without freeing its fd (a dup, shut down both ways).
+            broken = socket.socket(fileno=os.dup(resizer.conn.get_file_descriptor()))
+            broken.shutdown(socket.SHUT_RDWR)
+            broken.close()
+            assert not resizer.resize(W, H)
+            assert resizer.conn is None
+            assert resizer.resize(W, H)
+            assert x.screenshot().shape[:2] == (H, W)
+        finally:
+            resizer.close()

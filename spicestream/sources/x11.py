@@ -162,7 +162,11 @@ class X11Source:
         self._damage_event = extensions["DAMAGE"].first_event
         self._screen_event = extensions["RANDR"].first_event
         self._cursor_event = extensions["XFIXES"].first_event + 1
-        self.xcb = RawXcb(self.conn)
+        try:
+            self.xcb = RawXcb(self.conn)
+        except OSError as exc:
+            self.conn.disconnect()
+            raise X11Error(f"cannot load libxcb for capture: {exc}") from None
         self.lock = threading.Lock()  # requests come from the capture and the server threads
         self.segments: list[ShmSegment] = []
         self.width = self.height = 0

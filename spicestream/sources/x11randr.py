@@ -72,11 +72,13 @@ class X11Resizer:
                 return False  # the source is going away: no new connection for it
             try:
                 why = self._resize(int(width), int(height))
-            except self.xcffib.XcffibException as exc:
-                why = f"the X server refused it ({type(exc).__name__})"
             except (self.xcffib.ConnectionException, OSError) as exc:
+                # First: ConnectionException is an XcffibException, and a broken connection
+                # must be dropped, not reused for every later resize.
                 self._disconnect()  # the next resize connects again
                 why = f"the X connection failed ({exc})"
+            except self.xcffib.XcffibException as exc:
+                why = f"the X server refused it ({type(exc).__name__})"
         if why is None:
             log.info("X screen resized to %dx%d for the client", width, height)
             return True

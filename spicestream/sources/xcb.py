@@ -1,10 +1,10 @@
 """The capture loop's per-frame X requests, made on libxcb directly (ctypes), not through xcffib.
 
-xcffib builds every request and parses every event and reply in Python: a damage event, two
-polls and a MIT-SHM GetImage cost the capture thread ~0.2 ms a frame in it, run cold once per
-frame. Here they are a few C calls, and an event is its 32 bytes. Everything else (setup,
-cursor, input, RandR) stays on xcffib, on the same connection: both are libxcb underneath,
-which hands out sequence numbers and queues events for whoever asks.
+xcffib builds every request and parses every event and reply in Python, and that code runs
+cold once a frame: through it the capture thread used 0.47-0.52 ms a frame, here 0.33-0.35
+(bench/glass_x11.py, H.264). Here a request is a C call and an event is its 32 bytes.
+Everything else (setup, cursor, input, RandR) stays on xcffib, on the same connection: both
+are libxcb underneath, which hands out sequence numbers and queues events for whoever asks.
 
 Layouts (xcb/xproto.h, xcb/shm.h, xcb/damage.h, xcb/randr.h; X protocol byte order is the
 client's own, so native):
@@ -53,7 +53,6 @@ def _load():
     xcb.xcb_poll_for_event.restype = ctypes.c_void_p
     xcb.xcb_connection_has_error.argtypes = [conn]
     xcb.xcb_connection_has_error.restype = ctypes.c_int
-    xcb.xcb_flush.argtypes = [conn]
     shm.xcb_shm_get_image.argtypes = [conn, ctypes.c_uint32, ctypes.c_int16, ctypes.c_int16,
                                       ctypes.c_uint16, ctypes.c_uint16, ctypes.c_uint32,
                                       ctypes.c_uint8, ctypes.c_uint32, ctypes.c_uint32]
@@ -71,6 +70,8 @@ class RawXcb:
     _libs = None
 
     def __init__(self, xcffib_conn):
+        """OSError if libxcb or libxcb-shm cannot be loaded. `_conn` is xcffib's cdata pointer
+        to the xcb_connection_t (xcffib 1.x)."""
         import xcffib
 
         if RawXcb._libs is None:
