@@ -135,3 +135,16 @@ def test_every_client_message_has_a_body_limit():
     for layout in CLIENT.layouts():
         limit = CLIENT.body_limit(layout.type.channel or 1, layout.type.type_id)
         assert 0 < limit <= 64 << 10, (layout.name, limit)
+
+
+def test_records_anywhere_in_the_fixed_part_pack_flat():
+    """No declared message has two records in its fixed part yet; the packer flattens any
+    number of them, where they stand, into the one struct."""
+    import struct
+
+    from spicestream.protocol.wire import Layout, Point, u32
+
+    layout = Layout("TWO_RECORDS", [("a", u32), ("r", Rect), ("b", u32), ("p", Point)])
+    value = layout.type(1, Rect(2, -3, 4, 5), 6, Point(-7, 8))
+    assert layout.pack(value) == struct.pack("<IiiiiIii", 1, 2, -3, 4, 5, 6, -7, 8)
+    assert layout.unpack(layout.pack(value)) == value

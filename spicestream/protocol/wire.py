@@ -186,11 +186,9 @@ class Layout:
             else:
                 break
         self._fixed = len(run)
-        # Which fields of that run are records (flattened into the struct), None if none.
-        records = tuple(isinstance(f, Record) for f in run)
-        self._records_at = records if any(records) else None
-        # One record (a stream frame's dest Rect): flattened by unpacking around it, no loop.
-        self._record_index = records.index(True) if records.count(True) == 1 else None
+        # Where that run has records (a stream frame's dest Rect), last first: each is
+        # flattened into the struct's values by one slice assignment, not a loop over fields.
+        self._records_last_first = tuple(i for i in reversed(range(len(run))) if isinstance(run[i], Record))
         self._fixed_struct = struct.Struct("<" + "".join(f.struct.format[1:] for f in run))
         # The body size when every field is fixed-size, else None (arrays, blobs, the rest).
         self.fixed_size = self._fixed_struct.size if self._fixed == len(fields) else None
@@ -201,17 +199,10 @@ class Layout:
     def pack_parts(self, value: Any) -> list[Any]:
         """Pack to a list of bytes-like parts (large payloads are passed through uncopied)."""
         fixed = value[: self._fixed]
-        if self._record_index is not None:
-            i = self._record_index
-            fixed = (*fixed[:i], *fixed[i], *fixed[i + 1 :])
-        elif self._records_at is not None:
-            flat = []
-            for is_record, v in zip(self._records_at, fixed):
-                if is_record:
-                    flat.extend(v)
-                else:
-                    flat.append(v)
-            fixed = flat
+        if self._records_last_first:
+            fixed = list(fixed)
+            for i in self._records_last_first:  # last first: earlier indexes stay valid
+                fixed[i : i + 1] = fixed[i]
         parts = [self._fixed_struct.pack(*fixed)]
         if self._plain_tail is not None:  # every message but DRAW_COPY: no offsets to fill
             for f, v in zip(self._plain_tail, value[self._fixed :]):

@@ -107,6 +107,7 @@ class ChannelConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.is_unix = False
+        self.is_tcp = False
         self.ws: web.WebSocketTransport | None = None
         self._http = None  # the HTTP parser while a browser's request is coming in
         self._first = True
@@ -124,13 +125,14 @@ class ChannelConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         sock = transport.get_extra_info("socket")
         self.is_unix = sock is not None and sock.family == socket.AF_UNIX
+        self.is_tcp = tcpinfo.is_tcp(sock)  # TCP_INFO can be read (a stream's tick, 20/s)
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else unix_peer(sock)
         self.address = peer[0] if isinstance(peer, tuple) else "unix"  # for the guessing brake
         self.secure = transport.get_extra_info("ssl_object") is not None
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         # Keep the kernel's unsent backlog small: what waits, waits in our buffer, where rate
         # control sees it and frames can still be skipped.
-        tcpinfo.limit_unsent(transport.get_extra_info("socket"))
+        tcpinfo.limit_unsent(sock)
         refusal = self.core.unlinked.admit(self.address, self)
         if refusal is not None:
             self._drop(refusal)

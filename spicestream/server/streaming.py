@@ -86,7 +86,6 @@ class StreamSender:
         self.history: list[dict] = []  # ended streams' stats, newest last
         self.switches = SwitchPacer()  # codec switches asked for by the client
         self.playout = Playout()  # stamps: what this client's reports taught holds across streams
-        self._tcp: bool | None = None  # whether the connection is TCP (TCP_INFO), once known
 
     # -- lifecycle -------------------------------------------------------------------------
     def sync(self) -> None:
@@ -332,9 +331,7 @@ class StreamSender:
         stream = self.active
         if stream is None or self.conn.closed:
             return
-        if self._tcp is None:  # the connection's socket, and what it is, do not change
-            self._tcp = tcpinfo.is_tcp(self.conn.transport.get_extra_info("socket"))
-        info = tcpinfo.read(self.conn.transport.get_extra_info("socket"), self._tcp)
+        info = tcpinfo.read(self.conn.transport.get_extra_info("socket"), self.conn.is_tcp)
         queue = self.conn.transport.get_write_buffer_size()
         if info is not None:
             queue += info.notsent_bytes
