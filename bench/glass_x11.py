@@ -2,11 +2,16 @@
 
     .venv/bin/python bench/glass_x11.py [--seconds 20] [--codecs h264,mjpeg] [--screen 640x360]
                                         [--capture damage|spin] [--sides spicestream,xspice]
+                                        [--served-x session|plain]
 
 Same content, same codec, two ways of serving an X desktop over SPICE:
 
   (a) spicestream: an Xvfb (the served desktop), exported by `spicestream serve --source x11
-      --x-display :N --video-codecs C --streaming-video all` running as its own process;
+      --x-display :N --video-codecs C --streaming-video all` running as its own process. The
+      Xvfb is, by default (`--served-x session`), the one `spicestream run` starts
+      (spicestream.session.PrivateXServer: its malloc keeps the heap it has for large requests,
+      see X_SERVER_MALLOC_TUNABLES); `--served-x plain` starts Xvfb the default way, as a desktop
+      a user already runs may be, where every whole-window PutImage is read into fresh pages;
   (b) Xspice (Debian's xserver-xspice): an Xorg with the spiceqxl driver, i.e. an X server with
       a built-in spice-server, started with a generated xorg.conf (see XSPICE_CONF: the driver
       here reads no defaults for its buffer sizes, so they are spelled out, or it aborts at start)
@@ -37,6 +42,8 @@ carry their element names (src:src: appsrc's thread, converting and, for small f
 encoding; queueN:src: the encoder behind a queue); Xspice's are Xorg's main thread (drawing),
 "SPICE Worker" and GStreamer's. `server_tcp_bytes_per_s`: bytes the server sent on its SPICE
 connections over the window (`ss -ti` bytes_sent, all channels), i.e. the bit rate.
+`server_minor_faults_per_frame`: page faults per frame drawn, per server process (a PutImage of
+the window is 225 pages: an X server that reads it into fresh pages shows ~225 here).
 
 `--count-calls` (spicestream side): the CLI runs under bench/callcount.py, which counts the
 Python calls of each of its Python threads over the window; `python_calls_per_frame` and
@@ -149,6 +156,17 @@ def xspice_conf(width: int, height: int) -> str:
 
 
 # -- /proc accounting ------------------------------------------------------------------------------
+def minor_faults(pid: int | None) -> int | None:
+    """minflt of a process (field 10 of /proc/PID/stat)."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[7])
+    except OSError:
+        return None
+
+
 def cpu_seconds(pid: int | None, children: bool = True) -> float | None:
     """utime+stime (and cutime+cstime: reaped children) of a process, in seconds."""
     if pid is None:
@@ -297,9 +315,18 @@ class Spicestream:
 
     name = "spicestream"
 
-    def __init__(self, codec: str, screen: tuple[int, int], log_dir: Path, count_calls: bool = False):
-        import xclient
-        self.x = xclient.XSession(*screen, log_dir=log_dir / "served").start()
+    def __init__(self, codec: str, screen: tuple[int, int], log_dir: Path, count_calls: bool = False,
+                 served_x: str = "session"):
+        self.served_x = served_x
+        if served_x == "session":
+            from spicestream.session import PrivateXServer
+            (log_dir / "served").mkdir(parents=True, exist_ok=True)
+            self.x = PrivateXServer("xvfb", screen, log_dir / "served").start()
+            self.x_pid, self.close_x = self.x.proc.pid, self.x.stop
+        else:
+            import xclient
+            self.x = xclient.XSession(*screen, log_dir=log_dir / "served").start()
+            self.x_pid, self.close_x = self.x.xvfb.pid, self.x.close
         self.display = self.x.display
         self.port = free_port()
         # --count-calls: the same CLI under bench/callcount.py (SIGUSR1/SIGUSR2 bound the window)
@@ -321,19 +348,19 @@ class Spicestream:
             raise
 
     def server_pids(self) -> dict[str, int]:
-        return {"spicestream": self.proc.pid, "served_xvfb": self.x.xvfb.pid}
+        return {"spicestream": self.proc.pid, "served_xvfb": self.x_pid}
 
     def notes(self) -> dict:
         lines = self.log_path.read_text(errors="replace").splitlines()
         streams = [ln for ln in lines if ": stream " in ln or "own encoder" in ln or "no codec" in ln]
         warnings = [ln for ln in lines if "WARNING" in ln or "ERROR" in ln or "Traceback" in ln]
-        return {"command": " ".join(self.command), "stream_log": streams[:6],
+        return {"command": " ".join(self.command), "served_x": self.served_x, "stream_log": streams[:6],
                 "warnings": {"count": len(warnings), "first": warnings[:5]}}
 
     def close(self) -> None:
         stop(self.proc)
         self.log.close()
-        self.x.close()
+        self.close_x()
 
 
 class Xspice:
@@ -518,7 +545,7 @@ def summarise(times: list[float], transitions: list, n_strips: int, t0: float, s
 
 
 def run_case(side: str, codec: str, screen: tuple[int, int], fps: int, seconds: float, warmup: float,
-             mode: str, log_dir: Path, count_calls: bool = False) -> dict:
+             mode: str, log_dir: Path, count_calls: bool = False, served_x: str = "session") -> dict:
     import xclient
 
     width, height = CONTENT
@@ -527,7 +554,7 @@ def run_case(side: str, codec: str, screen: tuple[int, int], fps: int, seconds: 
     calls = None
     try:
         if side == "spicestream":
-            served = Spicestream(codec, screen, case_dir, count_calls)
+            served = Spicestream(codec, screen, case_dir, count_calls, served_x)
         else:
             served = Xspice(codec, screen, case_dir)
         counting = getattr(served, "calls_path", None) is not None
@@ -554,6 +581,7 @@ def run_case(side: str, codec: str, screen: tuple[int, int], fps: int, seconds: 
             t0 = time.monotonic()
             cpu_a = {k: cpu_seconds(p) for k, p in {**server_pids, **client_pids}.items()}
             threads_a = {k: thread_cpu(p) for k, p in server_pids.items()}
+            faults_a = {k: minor_faults(p) for k, p in server_pids.items()}
             w_a = tcp_bytes_sent(served.port)
             busy_a = machine_busy()
             capturer.go(t0 + seconds + 1.0)
@@ -561,6 +589,7 @@ def run_case(side: str, codec: str, screen: tuple[int, int], fps: int, seconds: 
             t1 = time.monotonic()
             cpu_b = {k: cpu_seconds(p) for k, p in {**server_pids, **client_pids}.items()}
             threads_b = {k: thread_cpu(p) for k, p in server_pids.items()}
+            faults_b = {k: minor_faults(p) for k, p in server_pids.items()}
             w_b = tcp_bytes_sent(served.port)
             busy_b = machine_busy()
             if counting:
@@ -588,6 +617,8 @@ def run_case(side: str, codec: str, screen: tuple[int, int], fps: int, seconds: 
         "server_cpu_by_process_s": {k: used.get(k) for k in server_pids},
         "server_threads": {k: thread_cpu_delta(threads_a[k], threads_b[k], drawn_in_window)
                            for k in server_pids},
+        "server_minor_faults_per_frame": {k: round((faults_b[k] - faults_a[k]) / max(1, drawn_in_window), 1)
+                                          for k in server_pids if None not in (faults_a[k], faults_b[k])},
         "client_cpu_s": {k: used.get(k) for k in client_pids},
         "machine_busy_share": round((busy_b[0] - busy_a[0]) / max(1, busy_b[1] - busy_a[1]), 3),
         "server_tcp_bytes_per_s": round((w_b - w_a) / elapsed) if w_a is not None and w_b is not None else None,
@@ -631,6 +662,9 @@ def main() -> None:
                              "drawn (little CPU), or as fast as possible (a core on its own)")
     parser.add_argument("--log-dir", help="keep logs here (default: a temporary folder)")
     parser.add_argument("--output", help="also write the JSON to this file")
+    parser.add_argument("--served-x", choices=("session", "plain"), default="session",
+                        help="spicestream's served Xvfb: the one `spicestream run` starts, or one started "
+                             "the default way")
     parser.add_argument("--count-calls", action="store_true",
                         help="count the Python calls per frame of spicestream's threads (bench/callcount.py); "
                              "the hook slows the server, so its CPU and latency figures are not comparable")
@@ -663,7 +697,7 @@ def main() -> None:
             for side in sides:
                 try:
                     row = run_case(side, codec, screen, args.fps, args.seconds, args.warmup, args.capture,
-                                   log_dir, args.count_calls)
+                                   log_dir, args.count_calls, args.served_x)
                 except Exception as exc:  # one case failing is a result too
                     row = {"side": side, "codec": codec, "error": f"{type(exc).__name__}: {exc}"}
                 results.append(row)
@@ -687,7 +721,7 @@ def main() -> None:
         "metric": "PutImage on the served X display -> first sighting on remote-viewer's screen (its "
                   "Xvfb framebuffer), ms; server CPU s over the window",
         "content": f"{CONTENT[0]}x{CONTENT[1]} window at {args.fps} fps", "screen": args.screen,
-        "seconds": args.seconds, "capture": args.capture, "cores": os.cpu_count(),
+        "seconds": args.seconds, "capture": args.capture, "served_x": args.served_x, "cores": os.cpu_count(),
         "comparison": comparison, "results": results}, indent=2, default=str)
     print(out)
     if args.output:

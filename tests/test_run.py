@@ -210,3 +210,67 @@ def test_xorg_dummy_session_follows_the_client_size(tmp_path):
         if run.proc.poll() is None:
             run.proc.kill()
     run.assert_clean()
+
+
+def _minor_faults(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[7])  # field 10, minflt
+
+
+def _faults_per_put_image(display: str, pid: int, width: int, height: int, count: int = 20) -> float:
+    """Minor page faults the X server takes per PutImage of a width x height window (after three
+    to warm up), each followed by a round trip so that the server has read and drawn it."""
+    import xcffib
+    import xcffib.xproto as xp
+
+    conn = xcffib.connect(display=display)
+    try:
+        screen = conn.get_setup().roots[0]
+        window, gc = conn.generate_id(), conn.generate_id()
+        conn.core.CreateWindow(screen.root_depth, window, screen.root, 0, 0, width, height, 0,
+                               xp.WindowClass.InputOutput, screen.root_visual, 0, [])
+        conn.core.MapWindow(window)
+        conn.core.CreateGC(gc, window, 0, [])
+        image = bytes(range(256)) * (width * height * 4 // 256)
+        conn.core.GetInputFocus().reply()
+
+        def put() -> None:
+            conn.core.PutImage(xp.ImageFormat.ZPixmap, window, gc, width, height, 0, 0, 0,
+                               screen.root_depth, len(image), image)
+            conn.core.GetInputFocus().reply()
+
+        for _ in range(3):
+            put()
+        before = _minor_faults(pid)
+        for _ in range(count):
+            put()
+        return (_minor_faults(pid) - before) / count
+    finally:
+        conn.disconnect()
+
+
+@pytest.mark.parametrize("kind", ["xvfb", "xorg"])
+def test_the_session_x_server_takes_large_requests_without_fresh_pages(tmp_path, kind, monkeypatch):
+    """The X server a session starts reads each whole-window PutImage into the heap it already
+    has. Started the default way, glibc hands it fresh pages for every such request (see
+    X_SERVER_MALLOC_TUNABLES): the control run shows that the count sees those faults."""
+    from spicestream.session import PrivateXServer
+
+    if kind == "xorg" and subprocess.run(["which", "Xorg"], capture_output=True).returncode != 0:
+        pytest.skip("needs Xorg (xserver-xorg-core) and xserver-xorg-video-dummy")
+    width, height = 640, 360
+    pages = width * height * 4 // 4096  # 225 pages a request
+
+    def faults() -> float:
+        server = PrivateXServer(kind, (width, height), tmp_path).start()
+        try:
+            return _faults_per_put_image(server.display, server.proc.pid, width, height)
+        finally:
+            server.stop()
+
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    ours = faults()
+    monkeypatch.setattr(PrivateXServer, "environment", staticmethod(lambda: dict(os.environ)))
+    default = faults()
+    assert default >= pages / 2, (default, pages)  # the control: fresh pages for every request
+    assert ours <= pages / 10, (ours, default, pages)
