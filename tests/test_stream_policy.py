@@ -178,3 +178,22 @@ def test_mjpeg_quality_steps_toward_the_budget():
     assert next_quality_index(3, 6, average_bytes=9_000, budget_bytes=10_000) == 3
     assert next_quality_index(0, 6, average_bytes=90_000, budget_bytes=10_000) == 0
     assert next_quality_index(5, 6, average_bytes=10, budget_bytes=10_000) == 5
+
+
+@pytest.mark.parametrize("offset_ms", [5, 70])
+def test_a_client_clock_running_behind_ours_costs_no_display_delay(offset_ms):
+    """spice-gtk holds a frame until its clock reaches the stamp, and its clock runs behind
+    ours by however late it read MAIN_MULTI_MEDIA_TIME. The lead goes below zero by that much:
+    frames still arrive in time, and none waits more than the spare for its stamp."""
+    rng = random.Random(offset_ms)
+    playout = Playout()
+    client = Client(playout, offset_ms=offset_ms)
+    for k in range(300):
+        client.frame(1000 + k * 33, rng.randint(1, 6))
+    settled = client.margins[60:]
+    assert min(settled) >= 0, "frames arrived late once the lead had settled"
+    assert max(settled) <= 6 - 1 + SPARE_MS, "frames waited at the client for their stamps"
+    assert playout.lead_ms <= 6 - offset_ms + SPARE_MS
+    # and the stamps still advance with the frames
+    steps = [signed(b - a) for a, b in zip(client.stamps[60:], client.stamps[61:])]
+    assert min(steps) >= 1

@@ -8,7 +8,7 @@ StreamSender (server/streaming.py) does the I/O and asks this module what to do:
     frame sent after a pause (a joiner's first frame, a re-sent key frame, an idle scanout)
     is never stamped in the client's past. `lead` is steered from the client's reports to the
     smallest value that its frames arrive in time with: the most the last few seconds of
-    reports needed, plus a little.
+    reports needed, plus a little; below zero where the client's clock runs behind ours.
   - `admit`: encode the newest frame now, or skip it (and why).
   - `FrameLedger`: where every frame the display produced went.
   - `next_quality_index`: MJPEG quality against the rate's per-frame budget.
@@ -25,8 +25,14 @@ import math
 
 MM_WRAP = 1 << 32
 START_LEAD_MS = 20.0  # before the first report: room for a LAN and a busy client
-MIN_LEAD_MS = 1.0
 MAX_LEAD_MS = 2000.0
+# The lead may be negative. The client's clock runs behind ours by however late it read the
+# media time we gave it (MAIN_MULTI_MEDIA_TIME after ATTACH_CHANNELS: the one-way delay plus
+# whatever kept the client busy then, tens of ms for a remote-viewer still starting up), and
+# spice-gtk holds each frame until its own clock reaches the stamp. With the lead kept >= 0,
+# that lag was added to every frame of the session; the reports measure it (a margin larger
+# than the lead used), and the lead follows them below zero.
+MIN_LEAD_MS = -MAX_LEAD_MS
 SPARE_MS = 4.0  # added to the most any recent frame needed: scheduling noise at the client
 LATE_STEP_MS = 5.0  # late frames whose shortfall is unknown (not the last of a report)
 NEED_WINDOW = 30  # reports remembered (5 frames each: ~5 s at 30 fps)
