@@ -37,6 +37,9 @@ suffers badly from the spinning capturer.
 Within one run a stream's latency is steady to about a millisecond, but from run to run its
 level moves by up to ~17 ms (it seems locked to a ~60 Hz tick on the client's side whose phase
 against the producer is chance): compare stream cases over several runs (`--repeat`), not one.
+The stream's `lead_ms` and `last_margin_ms` (in `server`) say how long the client held the
+frames for their stamps: a margin of a few ms, with a lead below zero where remote-viewer's
+clock started behind ours.
 """
 
 from __future__ import annotations
