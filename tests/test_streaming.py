@@ -350,3 +350,39 @@ def test_stamps_keep_pace_across_the_media_clock_wrap(make_server):
         assert np.median(steps) >= 0.5 * np.median(gaps_ms), (np.median(steps), np.median(gaps_ms))
         margins = [e["margin_ms"] for e in log[len(log) // 2 :]]
         assert -50 <= np.median(margins) <= 200, margins
+
+
+def test_mjpeg_quality_steps_down_to_fit_a_low_rate(make_server):
+    """The sender's tick fits JPEG quality to the rate's per-frame budget: capped at the
+    lowest rate, the stream goes to the lowest quality and its frames get smaller."""
+    from spicestream.video.mjpeg import QUALITY_STEPS
+
+    server = make_server("spice:mjpeg")
+    with TestClient("127.0.0.1", server.port, display_caps=ALL_CODECS) as client:
+        client.wait_for(lambda c: c.marked)
+        k = play_until_stream(server, client)
+        channel = next(iter(server._core.display_channels))
+        stream = channel.streams.active
+
+        def quality() -> int:
+            return server.stats()["clients"][0]["streams"]["active"]["quality"]
+
+        def cap(rate):
+            rate.max_bit_rate = rate.target = rate.min_bit_rate
+
+        start = quality()
+        assert start > QUALITY_STEPS[0]
+        before = [f["size"] for f in server.frame_timings()[0]]
+        server._on_loop(lambda: cap(stream.rate))
+        deadline = time.monotonic() + 10
+        while quality() != QUALITY_STEPS[0]:
+            assert time.monotonic() < deadline, f"quality stayed at {quality()}"
+            server.display.update(moving_picture(k), damage=[REGION])
+            k += 1
+            time.sleep(1 / 30)
+        for _ in range(20):  # frames encoded at the lowest quality
+            server.display.update(moving_picture(k), damage=[REGION])
+            k += 1
+            time.sleep(1 / 30)
+        after = [f["size"] for f in server.frame_timings()[0]][-10:]
+        assert sum(after) / len(after) < 0.7 * sum(before) / len(before), (before, after)

@@ -142,6 +142,9 @@ class Subscription:
         if hasattr(self.hub.encoder, "set_quality"):
             self.hub.encoder.set_quality(quality)
 
+    def output_totals(self) -> tuple[int, int]:
+        return self.hub.encoder.output_totals()
+
     def stats(self) -> dict:
         info = self.hub.encoder.stats()
         info["shared_by"] = self.shared_by

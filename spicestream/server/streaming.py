@@ -376,9 +376,8 @@ class StreamSender:
         encoder = stream.encoder
         if stream.entry.codec != Codec.MJPEG or not hasattr(encoder, "set_quality"):
             return
-        info = encoder.stats()
-        sent = max(1, info["frames_out"])
-        average = info["bytes_out"] / sent
+        frames, sent_bytes = encoder.output_totals()
+        average = sent_bytes / max(1, frames)
         budget = stream.rate.target / 8 / stream.rate.fps
         index = next_quality_index(stream.quality_index, len(QUALITY_STEPS), average, budget)
         if index != stream.quality_index:

@@ -137,6 +137,11 @@ class VideoEncoder(ABC):
     def in_flight(self) -> int:
         return self._in_flight
 
+    def output_totals(self) -> tuple[int, int]:
+        """(frames, bytes) encoded so far: for decisions made every tick, which need not pay
+        for the percentiles of `stats()`."""
+        return self.stats_.frames_out, self.stats_.bytes_out
+
     def stats(self) -> dict:
         info = self.stats_.summary()
         info.update(codec=self.codec.label, element=self.element, hardware=self.hardware,
