@@ -7,8 +7,8 @@ import pytest
 
 from spicestream.video.ratecontrol import RateController
 from spicestream.video.streampolicy import (
-    MM_WRAP, SPARE_MS, START_LEAD_MS, FrameLedger, Playout, admit, next_quality_index,
-    wants_key_frame, wire_stamp)
+    MM_WRAP, QUALITY_JUDGED_AFTER, SPARE_MS, START_LEAD_MS, FrameLedger, Playout, QualityTuner,
+    admit, next_quality_index, wants_key_frame, wire_stamp)
 
 
 def signed(diff: int) -> int:
@@ -197,3 +197,49 @@ def test_a_client_clock_running_behind_ours_costs_no_display_delay(offset_ms):
     # and the stamps still advance with the frames
     steps = [signed(b - a) for a, b in zip(client.stamps[60:], client.stamps[61:])]
     assert min(steps) >= 1
+
+
+class JpegEncoderModel:
+    """An encoder whose frames take 100 bytes per quality step index + 1: totals as
+    `output_totals()` gives them, one or two frames a tick (30 fps against a 20/s tick)."""
+
+    def __init__(self, tuner: QualityTuner):
+        self.tuner, self.frames, self.bytes = tuner, 0, 0
+        self.index_log: list[int] = []
+
+    def tick(self, k: int, budget: float) -> None:
+        for _ in range(1 + k % 2):
+            self.frames += 1
+            self.bytes += 100 * (self.tuner.index + 1)
+        self.tuner.update(self.frames, self.bytes, budget)
+        self.index_log.append(self.tuner.index)
+
+
+def test_mjpeg_quality_answers_a_budget_change_as_fast_late_in_a_stream_as_early():
+    tuner = QualityTuner(6, 8)
+    model = JpegEncoderModel(tuner)
+    for k in range(40):  # budget 450 bytes: index 3 (400 bytes) fits, 4 (500) overshoots
+        model.tick(k, 450)
+    assert tuner.index == 3
+    for k in range(40, 2400):  # two minutes at this budget: it stays
+        model.tick(k, 450)
+    assert set(model.index_log[-2000:]) == {3}
+    for k in range(2400, 2440):  # the link halves
+        model.tick(k, 225)
+    # index 1 (200 bytes) fits; one step per QUALITY_JUDGED_AFTER frames, ~12 ticks a step
+    assert tuner.index == 1, model.index_log[-40:]
+    for k in range(2440, 2480):  # and climbs back while frames use under 60 % of the budget
+        model.tick(k, 450)
+    assert tuner.index == 2  # 300 bytes: above 60 % of 450, under it + 10 %
+
+
+def test_mjpeg_quality_survives_a_rebuilt_encoder():
+    tuner = QualityTuner(6, 8)
+    model = JpegEncoderModel(tuner)
+    for k in range(20):
+        model.tick(k, 10_000)
+    model.frames = model.bytes = 0  # a new encoder: its totals start from nothing
+    for k in range(20, 60):
+        model.tick(k, 250)
+    assert tuner.index == 1
+    assert QUALITY_JUDGED_AFTER > 1

@@ -27,7 +27,7 @@ from ..video.codec_list import CodecEntry, SwitchPacer
 from ..video.encoder import EncodedFrame, EncoderError, VideoEncoder
 from ..video.mjpeg import QUALITY_STEPS
 from ..video.ratecontrol import RateController
-from ..video.streampolicy import FrameLedger, Playout, admit, next_quality_index, wants_key_frame
+from ..video.streampolicy import FrameLedger, Playout, QualityTuner, admit, wants_key_frame
 from . import tcpinfo
 from .sharing import Subscription
 
@@ -59,7 +59,8 @@ class ActiveStream:
     ledger: FrameLedger = field(default_factory=FrameLedger)
     held: EncodedFrame | None = None  # encoded, waiting for the socket (newest only)
     awaiting_key: bool = False  # an encoded frame was dropped: send nothing until a key frame
-    quality_index: int = len(QUALITY_STEPS) - 2
+    quality: QualityTuner = field(
+        default_factory=lambda: QualityTuner(len(QUALITY_STEPS) - 2, len(QUALITY_STEPS)))
     held_meta: tuple | None = None
     key_requests: list = field(default_factory=list)
     recent: collections.deque = field(default_factory=lambda: collections.deque(maxlen=RECENT_FRAMES))
@@ -376,12 +377,8 @@ class StreamSender:
         encoder = stream.encoder
         if stream.entry.codec != Codec.MJPEG or not hasattr(encoder, "set_quality"):
             return
-        frames, sent_bytes = encoder.output_totals()
-        average = sent_bytes / max(1, frames)
-        budget = stream.rate.target / 8 / stream.rate.fps
-        index = next_quality_index(stream.quality_index, len(QUALITY_STEPS), average, budget)
-        if index != stream.quality_index:
-            stream.quality_index = index
+        index = stream.quality.update(*encoder.output_totals(), stream.rate.target / 8 / stream.rate.fps)
+        if index is not None:
             encoder.set_quality(QUALITY_STEPS[index])
 
     # -- failures and client feedback ------------------------------------------------------
@@ -455,7 +452,7 @@ class StreamSender:
                     playout_delay_hist=stream.playout_delay.snapshot(),
                     last_report=stream.stats.get("last_report"))
         if stream.entry.codec == Codec.MJPEG:
-            info["quality"] = QUALITY_STEPS[stream.quality_index]
+            info["quality"] = QUALITY_STEPS[stream.quality.index]
         return info
 
     def recent_frames(self) -> list[dict]:
