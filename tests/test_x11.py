@@ -417,3 +417,88 @@ def test_the_resizer_connects_again_after_its_x_connection_broke(tmp_path):
             assert x.screenshot().shape[:2] == (H, W)
         finally:
             resizer.close()
+
+
+def test_page_fault_rate_is_judged_per_window_of_enough_frames():
+    from spicestream.sources.xpages import MIN_FRAMES, FaultRate
+
+    rate = FaultRate(now=0.0, every=5.0)
+    assert not rate.due(4.9) and rate.due(5.0)
+    assert rate.sample(5.0, faults=1000, frames=10) is None  # the first sample is the baseline
+    assert rate.sample(10.0, faults=1000 + 225 * (MIN_FRAMES - 1), frames=10 + MIN_FRAMES - 1) is None
+    assert not rate.due(14.9)  # a window that was too short starts again from its end
+    assert rate.sample(15.0, faults=1000 + 225 * 2 * MIN_FRAMES, frames=10 + 2 * MIN_FRAMES) == 225
+    assert rate.sample(20.0, faults=1000 + 225 * 2 * MIN_FRAMES, frames=10 + 3 * MIN_FRAMES) == 0
+    assert rate.sample(25.0, faults=5, frames=3) is None  # a restarted count is a new baseline
+    assert rate.sample(30.0, faults=5 + 7 * MIN_FRAMES, frames=3 + MIN_FRAMES) == 7
+
+
+def _draw_frames(display: str, count: int) -> None:
+    """Whole-window PutImages (1.2 MB, BIG-REQUESTS: what glibc serves from mmap), one a
+    capture, as an application without MIT-SHM draws."""
+    import io
+    import struct
+
+    import xcffib
+    import xcffib.xproto as xp
+
+    conn = xcffib.connect(display=display)
+    try:
+        screen = conn.get_setup().roots[0]
+        window, gc = conn.generate_id(), conn.generate_id()
+        conn.core.CreateWindow(screen.root_depth, window, screen.root, 0, 0, W, H, 0,
+                               xp.WindowClass.InputOutput, screen.root_visual, xp.CW.OverrideRedirect, [1])
+        conn.core.MapWindow(window)
+        conn.core.CreateGC(gc, window, 0, [])
+        header = struct.pack("=xB2xIIHHhhBB2x", xp.ImageFormat.ZPixmap, window, gc, W, H, 0, 0, 0,
+                             screen.root_depth)
+        for k in range(count):
+            buf = io.BytesIO()
+            buf.write(header)
+            buf.write(bytes([k % 256]) * (W * H * 4))
+            conn.core.send_request(72, buf)  # PutImage, built directly (xcffib packs 1 MB slowly)
+            conn.core.GetInputFocus().reply()
+            time.sleep(0.05)
+    finally:
+        conn.disconnect()
+
+
+@pytest.mark.parametrize("started_by", ["default", "spicestream run"])
+def test_an_x_server_taking_fresh_pages_for_each_draw_is_named_once(tmp_path, caplog, started_by):
+    """Exporting an X server that faults in fresh pages for every large request logs, once, how
+    to start it; the X server `spicestream run` starts (the malloc thresholds) gets no hint,
+    though its window was judged the same way."""
+    import logging
+
+    from spicestream.session import PrivateXServer
+    from spicestream.sources.xpages import FAULTS_PER_FRAME, MIN_FRAMES
+
+    if started_by == "default":
+        x = xclient.XSession(W, H, log_dir=tmp_path / "served").start()
+        pid, stop_x = x.xvfb.pid, x.close
+    else:
+        x = PrivateXServer("xvfb", (W, H), tmp_path).start()
+        pid, stop_x = x.proc.pid, x.stop
+    server = spicestream.Server(port=0, width=64, height=64, streaming_video="off").start()
+    export = None
+    try:
+        with caplog.at_level(logging.WARNING, logger="spicestream.x11"):
+            export = X11Export(x, server)
+            hint = export.source.pages_hint
+            assert hint.pid == pid
+            hint.rate.every = 0.5
+            _draw_frames(x.display, 3 * MIN_FRAMES)
+            export.close()
+            export = None
+        hints = [r.getMessage() for r in caplog.records if "page faults a frame" in r.getMessage()]
+        assert hint.rate.last is not None, "no window was judged"
+        if started_by == "default":
+            assert len(hints) == 1 and f"(pid {pid})" in hints[0] and "GLIBC_TUNABLES" in hints[0], hints
+            assert hint.rate.last >= FAULTS_PER_FRAME
+        else:
+            assert hints == [] and hint.rate.last < FAULTS_PER_FRAME / 4, (hint.rate.last, hints)
+    finally:
+        if export is not None:
+            export.close()
+        server.stop()
+        stop_x()

@@ -26,6 +26,7 @@ import numpy as np
 from .x11clip import X11ClipboardBridge
 from .xcb import DAMAGE_AREA, DAMAGE_AREA_AT, SCREEN_SIZE, SCREEN_SIZE_AT, RawXcb, XcbConnectionLost, XcbError
 from .x11randr import X11Resizer
+from .xpages import FreshPagesHint
 
 log = logging.getLogger("spicestream.x11")
 
@@ -178,6 +179,7 @@ class X11Source:
         self.randr.SelectInput(self.root, xcffib.randr.NotifyMask.ScreenChange)
         self.conn.flush()
         self.keycodes = self._keycode_range()
+        self.pages_hint = FreshPagesHint(display_name, self.conn.get_file_descriptor(), time.monotonic())
         self.resizer = X11Resizer(display_name)
         # What X applications copy reaches the clients; what clients copy, X applications
         # (unless view-only: that is input).
@@ -198,6 +200,7 @@ class X11Source:
         self._stale: list[list | None] = [None] * RING  # per segment: damage since written; None: all
         self._next = 0
         self.rows_captured = 0  # rows read from the X server, for tests and benchmarks
+        self.frames_captured = 0
         self.display.resize(width, height)
 
     def capture(self, damage) -> None:
@@ -216,6 +219,7 @@ class X11Source:
             self.xcb.shm_get_images(self.root, seg.seg, self.width, bands, stride)
         self._stale[index] = []
         self.rows_captured += sum(b - a for a, b in bands)
+        self.frames_captured += 1
         frame = seg.array.reshape(self.height, self.width, 4)
         self.display.update(frame, damage)
 
@@ -258,7 +262,9 @@ class X11Source:
                     stop.wait(delay)  # then gather what else changed meanwhile
                     continue
                 self.capture_changes(damage, resized)
-                pacer.captured(time.monotonic())
+                now = time.monotonic()
+                pacer.captured(now)
+                self.pages_hint.check(now, self.frames_captured)
                 damage, resized = [], None
                 continue
             select.select([fd], [], [], 0.1)  # an X event, or a look at `stop`
