@@ -19,21 +19,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from .sources.xpages import X_SERVER_MALLOC_TUNABLES
+
 log = logging.getLogger("spicestream.session")
 
 X_SERVERS = ("xvfb", "xorg")
 START_TIMEOUT_S = 20.0
 STOP_GRACE_S = 5.0
 FIRST_DISPLAY = 20
-
-# An X server reads a large request (a PutImage of a whole window: 0.9 MB at 640x360) into an
-# input buffer that it reallocs up to the request's size and back down after it (os/io.c,
-# ReadRequestFromClient). glibc serves a block that large with mmap, and since realloc, unlike
-# free, never raises malloc's dynamic mmap threshold, every such request lands in fresh pages
-# that the kernel faults in and zeroes again: perf on Xvfb under a 30 fps PutImage client puts
-# half its CPU in recvmsg's page faults. Fixed thresholds above the largest request
-# (BIG-REQUESTS: 16 MiB) keep the buffer in the heap: Xvfb 1.18 -> 0.59 ms a frame there.
-X_SERVER_MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=33554432"
 
 XORG_DUMMY_CONF = """\
 Section "ServerFlags"
@@ -141,8 +134,12 @@ class PrivateXServer:
 
     @staticmethod
     def environment() -> dict[str, str]:
+        """Ours, with X_SERVER_MALLOC_TUNABLES added to any GLIBC_TUNABLES the user has (their
+        own malloc thresholds, if they set any, win)."""
         env = dict(os.environ)
-        env.setdefault("GLIBC_TUNABLES", X_SERVER_MALLOC_TUNABLES)  # a user's own setting wins
+        theirs = env.get("GLIBC_TUNABLES", "")
+        if "glibc.malloc.mmap_threshold" not in theirs and "glibc.malloc.trim_threshold" not in theirs:
+            env["GLIBC_TUNABLES"] = ":".join(t for t in (theirs, X_SERVER_MALLOC_TUNABLES) if t)
         return env
 
     def start(self) -> "PrivateXServer":
@@ -154,8 +151,8 @@ class PrivateXServer:
         log_file = open(self.workdir / f"{self.kind}.log", "ab")
         try:
             self.proc = subprocess.Popen(_dying_with_us(self._command(write_fd)), pass_fds=(write_fd,),
-                                         env=self.environment(), stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+                                         env=self.environment(), stdin=subprocess.DEVNULL,
+                                         stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
         except OSError:
             os.close(read_fd)
             raise

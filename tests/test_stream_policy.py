@@ -242,4 +242,20 @@ def test_mjpeg_quality_survives_a_rebuilt_encoder():
     for k in range(20, 60):
         model.tick(k, 250)
     assert tuner.index == 1
-    assert QUALITY_JUDGED_AFTER > 1
+
+
+def test_mjpeg_quality_answers_heavier_content_late_in_a_stream():
+    """Two minutes within the band (400 bytes against 450), then frames twice as big: the
+    quality steps down within a few judgements, not after the stream's average catches up."""
+    tuner = QualityTuner(6, 8)
+    frames = total = 0
+    for k in range(3600):
+        frames, total = frames + 1, total + 400
+        if k % 2:
+            tuner.update(frames, total, 450)
+    assert tuner.index == 6
+    for k in range(4 * QUALITY_JUDGED_AFTER):
+        frames, total = frames + 1, total + 800
+        if k % 2:
+            tuner.update(frames, total, 450)
+    assert tuner.index < 6

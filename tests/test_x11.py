@@ -425,12 +425,43 @@ def test_page_fault_rate_is_judged_per_window_of_enough_frames():
     rate = FaultRate(now=0.0, every=5.0)
     assert not rate.due(4.9) and rate.due(5.0)
     assert rate.sample(5.0, faults=1000, frames=10) is None  # the first sample is the baseline
-    assert rate.sample(10.0, faults=1000 + 225 * (MIN_FRAMES - 1), frames=10 + MIN_FRAMES - 1) is None
-    assert not rate.due(14.9)  # a window that was too short starts again from its end
-    assert rate.sample(15.0, faults=1000 + 225 * 2 * MIN_FRAMES, frames=10 + 2 * MIN_FRAMES) == 225
-    assert rate.sample(20.0, faults=1000 + 225 * 2 * MIN_FRAMES, frames=10 + 3 * MIN_FRAMES) == 0
-    assert rate.sample(25.0, faults=5, frames=3) is None  # a restarted count is a new baseline
-    assert rate.sample(30.0, faults=5 + 7 * MIN_FRAMES, frames=3 + MIN_FRAMES) == 7
+    # Too few frames: not judged, and its faults (an idle desktop's) are not carried over.
+    assert rate.sample(10.0, faults=9000, frames=10 + MIN_FRAMES - 1) is None
+    assert not rate.due(14.9)
+    frames = 10 + MIN_FRAMES - 1
+    assert rate.sample(15.0, faults=9000 + 225 * MIN_FRAMES, frames=frames + MIN_FRAMES) == 225
+    assert rate.sample(20.0, faults=9000 + 225 * MIN_FRAMES, frames=frames + 2 * MIN_FRAMES) == 0
+    assert rate.sample(25.0, faults=5, frames=frames + 3 * MIN_FRAMES) is None  # a new X server
+    assert rate.sample(30.0, faults=5 + 7 * MIN_FRAMES, frames=frames + 4 * MIN_FRAMES) == 7
+
+
+def test_the_fresh_pages_hint_needs_two_windows_in_a_row_and_is_said_once(monkeypatch, caplog):
+    """Pages touched once (new capture segments after a resize) fill one window; churn fills
+    every one. The X server's pid comes from the socket's peer: here a socketpair, so ours."""
+    import logging
+    import os
+    import socket
+
+    from spicestream.sources import xpages
+
+    faults = iter([0, 10_000, 10_000, 20_000, 30_000, 40_000, 50_000])  # per check, 100 frames apart
+    monkeypatch.setattr(xpages, "minor_faults", lambda pid: next(faults))
+    ours, theirs = socket.socketpair()
+    try:
+        hint = xpages.FreshPagesHint(":9", ours.fileno(), now=0.0, every=1.0)
+    finally:
+        ours.close()
+        theirs.close()
+    assert hint.pid == os.getpid()
+    with caplog.at_level(logging.WARNING, logger="spicestream.x11"):
+        said = []
+        for k in range(1, 8):
+            hint.check(float(k), 100 * k)
+            said.append(len(caplog.records))
+    # baseline; 100/frame (one window); 0; 100; 100 -> said; then no more checks
+    assert said == [0, 0, 0, 0, 1, 1, 1], said
+    assert "(pid %d)" % os.getpid() in caplog.records[0].getMessage()
+    assert xpages.X_SERVER_MALLOC_TUNABLES in caplog.records[0].getMessage()
 
 
 def _draw_frames(display: str, count: int) -> None:
@@ -471,7 +502,7 @@ def test_an_x_server_taking_fresh_pages_for_each_draw_is_named_once(tmp_path, ca
     import logging
 
     from spicestream.session import PrivateXServer
-    from spicestream.sources.xpages import FAULTS_PER_FRAME, MIN_FRAMES
+    from spicestream.sources.xpages import FAULTS_PER_FRAME
 
     if started_by == "default":
         x = xclient.XSession(W, H, log_dir=tmp_path / "served").start()
@@ -486,8 +517,8 @@ def test_an_x_server_taking_fresh_pages_for_each_draw_is_named_once(tmp_path, ca
             export = X11Export(x, server)
             hint = export.source.pages_hint
             assert hint.pid == pid
-            hint.rate.every = 0.5
-            _draw_frames(x.display, 3 * MIN_FRAMES)
+            hint.rate.every, hint.rate.min_frames = 1.0, 10  # windows of ~16 draws
+            _draw_frames(x.display, 100)
             export.close()
             export = None
         hints = [r.getMessage() for r in caplog.records if "page faults a frame" in r.getMessage()]

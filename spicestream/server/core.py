@@ -64,7 +64,7 @@ OFFERED = [(ChannelType.DISPLAY, 0), (ChannelType.INPUTS, 0), (ChannelType.CURSO
            (ChannelType.PLAYBACK, 0), (ChannelType.RECORD, 0)]
 # How far the client's media clock runs behind ours (brief §4.4). spice-server uses 400 ms
 # for every stream; we keep the clocks together and put the delay in each stream's stamps,
-# where the rate controller adapts it per client (video/ratecontrol.py, playout delay).
+# where each client's reports steer it (video/streampolicy.py, Playout's lead).
 INIT_LATENCY_MS = 0
 DEFAULT_MAX_CLIENTS = 8
 DEFAULT_MAX_CLIPBOARD = 16 << 20  # bytes of one clipboard content, either way

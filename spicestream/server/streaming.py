@@ -294,7 +294,8 @@ class StreamSender:
         now = self.core.clock()
         mm = self.core.mm_ms(now)
         stamp = self.playout.stamp(mm)
-        stream.playout_delay.observe((stamp - mm) / 1000)
+        # The lead this frame got (a negative one, for a client whose clock lags, counts as 0).
+        stream.playout_delay.observe((self.playout.last_stamp - mm) / 1000)
         self.conn.send(self._data_message(stream.region, stamp, frame, frame.data))
         if frame.follow_up is not None:
             # Sent at once, in the same write: it lets the client show `frame` now.
@@ -368,9 +369,15 @@ class StreamSender:
         log.info("%s: own encoder for stream %d: %s", self.conn.peer, stream.region.stream_id, why)
         stream.encoder.close()
         stream.encoder = private
+        self._restore_quality(stream)
         stream.generation, stream.awaiting_key, stream.held = -1, False, None
         stream.key_requests = []
         self.channel.writable()
+
+    def _restore_quality(self, stream: ActiveStream) -> None:
+        """A new encoder for the stream (rebuilt, or its own) starts at the quality tuned so far."""
+        if stream.entry.codec == Codec.MJPEG and hasattr(stream.encoder, "set_quality"):
+            stream.encoder.set_quality(QUALITY_STEPS[stream.quality.index])
 
     def _tune_quality(self, stream: ActiveStream) -> None:
         """MJPEG has no bit-rate target: step JPEG quality to fit the rate's per-frame budget."""
@@ -393,6 +400,7 @@ class StreamSender:
             try:
                 stream.encoder = self._create_encoder(stream.entry, stream.region, stream.rate.target,
                                                       round(stream.rate.fps), self._pixel_format())
+                self._restore_quality(stream)
                 stream.generation = -1  # the new encoder starts with a key frame of the newest frame
                 self.channel.writable()
                 return

@@ -171,6 +171,7 @@ class X11Source:
         self.lock = threading.Lock()  # requests come from the capture and the server threads
         self.segments: list[ShmSegment] = []
         self.width = self.height = 0
+        self.frames_captured = 0  # all sizes: the fresh-pages hint's frame count
         self.buttons = 0
         self._allocate(self.screen.width_in_pixels, self.screen.height_in_pixels)
         self.damage_id = self.conn.generate_id()
@@ -200,7 +201,6 @@ class X11Source:
         self._stale: list[list | None] = [None] * RING  # per segment: damage since written; None: all
         self._next = 0
         self.rows_captured = 0  # rows read from the X server, for tests and benchmarks
-        self.frames_captured = 0
         self.display.resize(width, height)
 
     def capture(self, damage) -> None:

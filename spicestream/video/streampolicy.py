@@ -170,27 +170,32 @@ QUALITY_JUDGED_AFTER = 6  # frames encoded at one JPEG quality before it is judg
 
 
 class QualityTuner:
-    """MJPEG quality for one stream, judged on the frames encoded since the last change.
-    Averaged over the whole stream instead, the answer to a change came later the older the
-    stream was: after a minute at 30 fps a step moved the average by a few per cent."""
+    """MJPEG quality for one stream, judged on the last few frames encoded (at least
+    QUALITY_JUDGED_AFTER since the last judgement). Averaged over the whole stream instead,
+    the answer to a change of budget or content came later the older the stream was: after a
+    minute at 30 fps a step moved the average by a few per cent."""
 
     def __init__(self, index: int, steps: int):
         self.index, self.steps = index, steps
-        self._since = (0, 0)  # the encoder's (frames, bytes) totals at the last change
+        # The encoder's (frames, bytes) totals at the last judgement; None: not seen yet (a
+        # client that joins a shared encoder starts from the totals it first sees).
+        self._since: tuple[int, int] | None = None
 
     def update(self, frames: int, total_bytes: int, budget_bytes: float) -> int | None:
         """The encoder's totals so far and the rate's per-frame budget: a new quality index,
         or None to keep the one there is."""
-        if frames < self._since[0]:  # a new encoder (rebuilt): its totals start again
-            self._since = (0, 0)
+        if self._since is None or frames < self._since[0]:  # first look, or a new encoder
+            self._since = (frames, total_bytes)
+            return None
         count = frames - self._since[0]
         if count < QUALITY_JUDGED_AFTER:
             return None
         index = next_quality_index(self.index, self.steps, (total_bytes - self._since[1]) / count,
                                    budget_bytes)
+        self._since = (frames, total_bytes)
         if index == self.index:
             return None
-        self.index, self._since = index, (frames, total_bytes)
+        self.index = index
         return index
 
 
