@@ -62,13 +62,11 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import io
 import json
 import os
 import select
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -419,21 +417,11 @@ def strip_origins(width: int, height: int) -> list[tuple[int, int]]:
 def draw_child(config: dict) -> None:
     """Map the window, draw the still frame 0, warp the pointer clear of the strips and markers,
     say 'ready'; on 'go' draw frames 0, 1, 2... at fps until 'stop'; print JSON: the stamps."""
-    import xcffib
-    import xcffib.xproto as xp
-    from helpers import Paced
+    from helpers import Paced, WindowImages
 
     width, height = config["width"], config["height"]
-    conn = xcffib.connect(display=config["display"])
-    screen = conn.get_setup().roots[0]
-    window, gc = conn.generate_id(), conn.generate_id()
-    conn.core.CreateWindow(screen.root_depth, window, screen.root, 0, 0, width, height, 0,
-                           xp.WindowClass.InputOutput, screen.root_visual, xp.CW.OverrideRedirect, [1])
-    conn.core.MapWindow(window)
-    conn.core.CreateGC(gc, window, 0, [])
-    conn.core.WarpPointer(0, screen.root, 0, 0, 0, 0, width // 2, height // 2)
-    header = struct.pack("=xB2xIIHHhhBB2x", xp.ImageFormat.ZPixmap, window, gc, width, height, 0, 0,
-                         0, screen.root_depth)
+    images = WindowImages(config["display"], width, height)
+    images.conn.core.WarpPointer(0, images.screen.root, 0, 0, 0, 0, width // 2, height // 2)
     bases = glass.base_frames(width, height)
     origins = strip_origins(width, height)
 
@@ -444,11 +432,8 @@ def draw_child(config: dict) -> None:
         return f
 
     def put(f: np.ndarray) -> None:
-        buf = io.BytesIO()
-        buf.write(header)
-        buf.write(f.data)  # (H, W, 4) BGRx: the ZPixmap of a 24-bit TrueColor visual
-        conn.core.send_request(72, buf)  # PutImage; libxcb sets the length (BIG-REQUESTS)
-        conn.core.GetInputFocus().reply()  # a round trip: drawn before the next frame
+        images.put(f.data)  # (H, W, 4) BGRx
+        images.round_trip()  # drawn before the next frame
 
     put(frame(0))
     times: list[float] = []
@@ -470,7 +455,7 @@ def draw_child(config: dict) -> None:
         sys.stdin.readline()  # "stop" (or EOF)
     cpu = time.process_time() - cpu0
     print(json.dumps({"times": times, "round_trip_s": trips, "cpu": cpu}), flush=True)
-    conn.disconnect()
+    images.close()
 
 
 class Drawer:

@@ -128,3 +128,41 @@ class X11Export:
         self.stop.set()
         self.thread.join(5)
         self.source.close()
+
+
+class WindowImages:
+    """An X client with an override-redirect window of width x height at the top-left of
+    `display`, drawn whole by one PutImage a call (BIG-REQUESTS). The request is built directly:
+    xcffib's own packing of a 1 MB image takes ~15 ms."""
+
+    def __init__(self, display: str, width: int, height: int):
+        import struct
+
+        import xcffib
+        import xcffib.xproto as xp
+
+        self.conn = xcffib.connect(display=display)
+        self.screen = screen = self.conn.get_setup().roots[0]
+        window, gc = self.conn.generate_id(), self.conn.generate_id()
+        self.conn.core.CreateWindow(screen.root_depth, window, screen.root, 0, 0, width, height, 0,
+                                    xp.WindowClass.InputOutput, screen.root_visual, xp.CW.OverrideRedirect, [1])
+        self.conn.core.MapWindow(window)
+        self.conn.core.CreateGC(gc, window, 0, [])
+        self.header = struct.pack("=xB2xIIHHhhBB2x", xp.ImageFormat.ZPixmap, window, gc, width, height,
+                                  0, 0, 0, screen.root_depth)
+
+    def put(self, pixels) -> None:
+        """Draw `pixels` (height x width BGRx: the ZPixmap of a 24-bit TrueColor visual)."""
+        import io
+
+        buf = io.BytesIO()
+        buf.write(self.header)
+        buf.write(pixels)
+        self.conn.core.send_request(72, buf)  # PutImage; libxcb sets the length
+
+    def round_trip(self) -> None:
+        """Returns once the X server has read (and drawn) everything sent before."""
+        self.conn.core.GetInputFocus().reply()
+
+    def close(self) -> None:
+        self.conn.disconnect()

@@ -220,33 +220,22 @@ def _minor_faults(pid: int) -> int:
 def _faults_per_put_image(display: str, pid: int, width: int, height: int, count: int = 20) -> float:
     """Minor page faults the X server takes per PutImage of a width x height window (after three
     to warm up), each followed by a round trip so that the server has read and drawn it."""
-    import xcffib
-    import xcffib.xproto as xp
+    from helpers import WindowImages
 
-    conn = xcffib.connect(display=display)
+    images = WindowImages(display, width, height)
+    image = bytes(range(256)) * (width * height * 4 // 256)
     try:
-        screen = conn.get_setup().roots[0]
-        window, gc = conn.generate_id(), conn.generate_id()
-        conn.core.CreateWindow(screen.root_depth, window, screen.root, 0, 0, width, height, 0,
-                               xp.WindowClass.InputOutput, screen.root_visual, 0, [])
-        conn.core.MapWindow(window)
-        conn.core.CreateGC(gc, window, 0, [])
-        image = bytes(range(256)) * (width * height * 4 // 256)
-        conn.core.GetInputFocus().reply()
-
-        def put() -> None:
-            conn.core.PutImage(xp.ImageFormat.ZPixmap, window, gc, width, height, 0, 0, 0,
-                               screen.root_depth, len(image), image)
-            conn.core.GetInputFocus().reply()
-
+        images.round_trip()
         for _ in range(3):
-            put()
+            images.put(image)
+            images.round_trip()
         before = _minor_faults(pid)
         for _ in range(count):
-            put()
+            images.put(image)
+            images.round_trip()
         return (_minor_faults(pid) - before) / count
     finally:
-        conn.disconnect()
+        images.close()
 
 
 @pytest.mark.parametrize("kind", ["xvfb", "xorg"])

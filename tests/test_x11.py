@@ -16,7 +16,7 @@ from spicestream.protocol.messages import SERVER
 from spicestream.testing.client import TestClient
 
 import xclient
-from helpers import X11Export
+from helpers import WindowImages, X11Export
 from test_remote_viewer_streams import JOIN_BOUND_S, base_frame, locate, seconds_to_picture
 
 pytestmark = pytest.mark.skipif(
@@ -465,33 +465,16 @@ def test_the_fresh_pages_hint_needs_two_windows_in_a_row_and_is_said_once(monkey
 
 
 def _draw_frames(display: str, count: int) -> None:
-    """Whole-window PutImages (1.2 MB, BIG-REQUESTS: what glibc serves from mmap), one a
-    capture, as an application without MIT-SHM draws."""
-    import io
-    import struct
-
-    import xcffib
-    import xcffib.xproto as xp
-
-    conn = xcffib.connect(display=display)
+    """Whole-window PutImages (1.2 MB: what glibc serves from mmap), one a capture, as an
+    application without MIT-SHM draws."""
+    images = WindowImages(display, W, H)
     try:
-        screen = conn.get_setup().roots[0]
-        window, gc = conn.generate_id(), conn.generate_id()
-        conn.core.CreateWindow(screen.root_depth, window, screen.root, 0, 0, W, H, 0,
-                               xp.WindowClass.InputOutput, screen.root_visual, xp.CW.OverrideRedirect, [1])
-        conn.core.MapWindow(window)
-        conn.core.CreateGC(gc, window, 0, [])
-        header = struct.pack("=xB2xIIHHhhBB2x", xp.ImageFormat.ZPixmap, window, gc, W, H, 0, 0, 0,
-                             screen.root_depth)
         for k in range(count):
-            buf = io.BytesIO()
-            buf.write(header)
-            buf.write(bytes([k % 256]) * (W * H * 4))
-            conn.core.send_request(72, buf)  # PutImage, built directly (xcffib packs 1 MB slowly)
-            conn.core.GetInputFocus().reply()
+            images.put(bytes([k % 256]) * (W * H * 4))
+            images.round_trip()
             time.sleep(0.05)
     finally:
-        conn.disconnect()
+        images.close()
 
 
 @pytest.mark.parametrize("started_by", ["default", "spicestream run"])
