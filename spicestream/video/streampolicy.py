@@ -166,7 +166,7 @@ class FrameLedger:
                 "waiting": self._waiting}
 
 
-QUALITY_JUDGED_AFTER = 6  # frames encoded at one JPEG quality before it is judged
+QUALITY_JUDGED_AFTER = 6  # frames encoded since the last judgement before the next
 
 
 class QualityTuner:
