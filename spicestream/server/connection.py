@@ -11,7 +11,6 @@ import asyncio
 import itertools
 import logging
 import socket
-import struct
 import time
 from typing import TYPE_CHECKING
 
@@ -19,6 +18,7 @@ from ..protocol.channel import ChannelProtocol
 from ..protocol.constants import ChannelType, LinkError
 from ..protocol.link import LinkFailed, LinkRequested, ServerLink, TicketReceived
 from ..protocol.wire import ProtocolError
+from ..unixpeer import peer_pid
 from .tickets import network_of
 from . import tcpinfo, web
 
@@ -46,10 +46,8 @@ def unix_peer(sock) -> str:
     kernel's SO_PEERCRED) and a number of its own, since a client's socket has no address and
     two clients must not share one label (duplicate series break a Prometheus scrape)."""
     number = next(_unix_connections)
-    try:
-        pid, _uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                                struct.calcsize("3i")))
-    except (OSError, AttributeError):  # no credentials to read: the number alone
+    pid = peer_pid(sock)
+    if pid is None:  # no credentials to read: the number alone
         return f"unix:#{number}"
     return f"unix:pid{pid}#{number}"
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import struct
+
+from ..unixpeer import peer_pid
 
 log = logging.getLogger("spicestream.x11")
 
@@ -43,15 +44,10 @@ def x_server_pid(fd: int) -> int | None:
         os.close(dup)
         return None
     try:
-        if sock.family != socket.AF_UNIX:
-            return None
-        pid, _uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                              struct.calcsize("3i")))
-        return pid if pid > 0 else None  # 0: the server is in another pid namespace
-    except OSError:
-        return None
+        pid = peer_pid(sock) if sock.family == socket.AF_UNIX else None
     finally:
         sock.close()
+    return pid or None  # 0: the server is in another pid namespace
 
 
 def minor_faults(pid: int) -> int | None:
