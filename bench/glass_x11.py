@@ -81,6 +81,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "tests"))  # xclient, helpers
 
 import glass  # noqa: E402  (strip painting/reading, locate, the capturer)
+from spicestream.sources.xpages import minor_faults  # noqa: E402
 
 CODECS = {"h264": "gstreamer:h264", "mjpeg": "spice:mjpeg", "vp8": "gstreamer:vp8"}
 SIDES = ("spicestream", "xspice")
@@ -154,17 +155,6 @@ def xspice_conf(width: int, height: int) -> str:
 
 
 # -- /proc accounting ------------------------------------------------------------------------------
-def minor_faults(pid: int | None) -> int | None:
-    """minflt of a process (field 10 of /proc/PID/stat)."""
-    if pid is None:
-        return None
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[7])
-    except OSError:
-        return None
-
-
 def cpu_seconds(pid: int | None, children: bool = True) -> float | None:
     """utime+stime (and cutime+cstime: reaped children) of a process, in seconds."""
     if pid is None:

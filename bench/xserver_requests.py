@@ -20,15 +20,17 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # glass_x11.cpu_seconds
 sys.path.insert(0, str(HERE.parent / "tests"))  # helpers.WindowImages
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_and_faults(pid: int) -> tuple[float, int]:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK, int(fields[7])  # utime+stime, minflt
+    from glass_x11 import cpu_seconds
+
+    from spicestream.sources.xpages import minor_faults
+
+    return cpu_seconds(pid, children=False), minor_faults(pid)
 
 
 def measure(kind: str, started: str, size: tuple[int, int], count: int, workdir: Path) -> dict:

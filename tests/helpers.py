@@ -143,7 +143,8 @@ class WindowImages:
 
         self.conn = xcffib.connect(display=display)
         self.screen = screen = self.conn.get_setup().roots[0]
-        window, gc = self.conn.generate_id(), self.conn.generate_id()
+        self.window = window = self.conn.generate_id()
+        gc = self.conn.generate_id()
         self.conn.core.CreateWindow(screen.root_depth, window, screen.root, 0, 0, width, height, 0,
                                     xp.WindowClass.InputOutput, screen.root_visual, xp.CW.OverrideRedirect, [1])
         self.conn.core.MapWindow(window)

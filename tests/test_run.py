@@ -212,15 +212,12 @@ def test_xorg_dummy_session_follows_the_client_size(tmp_path):
     run.assert_clean()
 
 
-def _minor_faults(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[7])  # field 10, minflt
-
-
 def _faults_per_put_image(display: str, pid: int, width: int, height: int, count: int = 20) -> float:
     """Minor page faults the X server takes per PutImage of a width x height window (after three
     to warm up), each followed by a round trip so that the server has read and drawn it."""
     from helpers import WindowImages
+
+    from spicestream.sources.xpages import minor_faults
 
     images = WindowImages(display, width, height)
     image = bytes(range(256)) * (width * height * 4 // 256)
@@ -229,11 +226,11 @@ def _faults_per_put_image(display: str, pid: int, width: int, height: int, count
         for _ in range(3):
             images.put(image)
             images.round_trip()
-        before = _minor_faults(pid)
+        before = minor_faults(pid)
         for _ in range(count):
             images.put(image)
             images.round_trip()
-        return (_minor_faults(pid) - before) / count
+        return (minor_faults(pid) - before) / count
     finally:
         images.close()
 

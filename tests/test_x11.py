@@ -53,36 +53,12 @@ def served(tmp_path):
     s.close()
 
 
-class Picture:
+def show_picture(x: xclient.XSession, picture: np.ndarray, tmp_path) -> WindowImages:
     """A full-screen window on the served display showing a BGRx picture (our own X client)."""
-
-    def __init__(self, display: str, picture: np.ndarray):
-        import xcffib
-        import xcffib.xproto as xp
-
-        self.conn = xcffib.connect(display=display)
-        screen = self.conn.get_setup().roots[0]
-        self.window = window = self.conn.generate_id()
-        gc = self.conn.generate_id()
-        self.conn.core.CreateWindow(screen.root_depth, window, screen.root, 0, 0, W, H, 0,
-                                    xp.WindowClass.InputOutput, screen.root_visual,
-                                    xp.CW.OverrideRedirect, [1])
-        self.conn.core.MapWindow(window)
-        self.conn.core.CreateGC(gc, window, 0, [])
-        rows = 64  # keep each PutImage under the maximum request size
-        for y in range(0, H, rows):
-            chunk = np.ascontiguousarray(picture[y : y + rows]).tobytes()
-            self.conn.core.PutImage(xp.ImageFormat.ZPixmap, window, gc, W, min(rows, H - y), 0, y, 0,
-                                    screen.root_depth, len(chunk), chunk)
-        self.conn.flush()
-        self.conn.core.GetInputFocus().reply()  # a round trip: everything above is drawn
-
-    def close(self):
-        self.conn.disconnect()
-
-
-def show_picture(x: xclient.XSession, picture: np.ndarray, tmp_path) -> Picture:
-    return Picture(x.display, picture)
+    images = WindowImages(x.display, W, H)
+    images.put(np.ascontiguousarray(picture).data)
+    images.round_trip()  # everything above is drawn
+    return images
 
 
 def markers_rgb() -> np.ndarray:
