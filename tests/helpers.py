@@ -4,6 +4,12 @@ import time
 
 import numpy as np
 
+# An X server started the default way takes fresh pages for each large request only while
+# glibc's dynamic mmap threshold has not risen; the first free() of a large mmapped block
+# raises it, and some runs (seen under load) get there early and never churn. Fixed at glibc's
+# starting value, the threshold does not move: an X server started with this churns every time.
+X_SERVER_CHURNING_TUNABLES = "glibc.malloc.mmap_threshold=131072"
+
 
 def random_frame(height, width, seed=0):
     frame = np.random.default_rng(seed).integers(0, 256, (height, width, 4), dtype=np.uint8)

@@ -16,7 +16,7 @@ from spicestream.protocol.messages import SERVER
 from spicestream.testing.client import TestClient
 
 import xclient
-from helpers import WindowImages, X11Export
+from helpers import X_SERVER_CHURNING_TUNABLES, WindowImages, X11Export
 from test_remote_viewer_streams import JOIN_BOUND_S, base_frame, locate, seconds_to_picture
 
 pytestmark = pytest.mark.skipif(
@@ -464,7 +464,9 @@ def test_an_x_server_taking_fresh_pages_for_each_draw_is_named_once(tmp_path, ca
     from spicestream.sources.xpages import FAULTS_PER_FRAME
 
     if started_by == "default":
-        x = xclient.XSession(W, H, log_dir=tmp_path / "served").start()
+        with pytest.MonkeyPatch.context() as env:  # the X server's environment only
+            env.setenv("GLIBC_TUNABLES", X_SERVER_CHURNING_TUNABLES)
+            x = xclient.XSession(W, H, log_dir=tmp_path / "served").start()
         pid, stop_x = x.xvfb.pid, x.close
     else:
         x = PrivateXServer("xvfb", (W, H), tmp_path).start()
