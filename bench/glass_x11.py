@@ -37,7 +37,8 @@ Xspice (its spice-server runs inside it). `cpu_ratio_spicestream_over_xspice` = 
 codec. The client side (remote-viewer, its Xvfb, the capturer, the drawing client) is reported
 separately in `client_cpu_s`. `server_threads`: the same window per thread of each server
 process (CPU, CPU ms and voluntary context switches per frame drawn): spicestream's own threads
-are named ss-server (the asyncio loop), ss-mjpeg; "(main)" is its X capture loop; GStreamer's
+are named ss-server (the asyncio loop), ss-mjpeg (the X11 capture runs on the asyncio loop; older
+results have it in its own thread, "(main)"); GStreamer's
 carry their element names (src:src: appsrc's thread, converting and, for small frames,
 encoding; queueN:src: the encoder behind a queue); Xspice's are Xorg's main thread (drawing),
 "SPICE Worker" and GStreamer's. `server_tcp_bytes_per_s`: bytes the server sent on its SPICE
@@ -172,7 +173,7 @@ def cpu_seconds(pid: int | None, children: bool = True) -> float | None:
 
 def thread_cpu(pid: int | None) -> dict[tuple[int, str], tuple[float, int]]:
     """Per thread of a process: (tid, name) -> (utime+stime in s, voluntary context switches).
-    The main thread is named "(main)" (spicestream's X capture loop runs there)."""
+    The main thread is named "(main)"."""
     out: dict[tuple[int, str], tuple[float, int]] = {}
     if pid is None:
         return out

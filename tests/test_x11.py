@@ -3,9 +3,12 @@ extensions we need. The served desktop is an Xvfb of its own; remote-viewer runs
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -262,7 +265,7 @@ def test_damaged_rows_merge_into_bands():
 
 
 def test_capture_pacer_allows_fps_on_average_and_absorbs_jitter():
-    from spicestream.sources.x11 import CapturePacer
+    from spicestream.sources.x11drive import CapturePacer
 
     pacer = CapturePacer(30)
     now = 0.0
@@ -368,6 +371,67 @@ def test_the_capture_loop_outlives_an_x_error_and_follows_a_screen_change(served
         finally:
             resizer.close()
         assert (source.width, source.height) == (W - 100, H - 80)
+
+
+def _wait_until(condition, what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_a_capture_waiting_on_a_stopped_x_server_leaves_the_server_free(served):
+    """Capture runs on the server's loop (sources/x11drive.py) and never waits there for the X
+    server: with the X server stopped, a capture's requests are out and the loop still answers;
+    the frame is published, on the server's thread, once the X server replies."""
+    source, server = served.source, served.server
+    _wait_until(lambda: source.frames_captured >= 1 and not source.capturing, "the first frame")
+    published_on = []
+    update = server.display.update
+
+    def recording_update(frame, damage=None):
+        published_on.append(threading.current_thread().name)
+        update(frame, damage)
+
+    server.display.update = recording_update
+    frames = source.frames_captured
+    os.kill(served.x.xvfb.pid, signal.SIGSTOP)
+    try:
+        server.loop.call_soon_threadsafe(source.begin_capture, None)
+        server.stats()  # runs on the loop: it would time out (5 s) if the loop waited on the X server
+        assert source.capturing and source.frames_captured == frames
+    finally:
+        os.kill(served.x.xvfb.pid, signal.SIGCONT)
+    _wait_until(lambda: source.frames_captured > frames, "the frame after the X server went on")
+    assert published_on and set(published_on) == {"spicestream"}, published_on  # the server's thread
+
+
+def test_the_capture_ends_with_x11error_when_the_x_server_exits(tmp_path):
+    x = xclient.XSession(W, H, log_dir=tmp_path / "served").start()
+    server = spicestream.Server(port=0, width=64, height=64, streaming_video="off").start()
+    source = X11Source(x.display, server, fps=30)
+    stop, errors = threading.Event(), []
+
+    def run():
+        try:
+            source.run(stop)
+        except X11Error as exc:
+            errors.append(str(exc))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        _wait_until(lambda: source.frames_captured >= 1, "the first frame")
+        x.close()
+        thread.join(20)
+        assert not thread.is_alive() and stop.is_set()
+        assert len(errors) == 1 and "the X server has exited" in errors[0], errors
+    finally:
+        stop.set()
+        thread.join(5)
+        source.close()
+        server.stop()
+        x.close()
 
 
 def test_the_resizer_connects_again_after_its_x_connection_broke(tmp_path):

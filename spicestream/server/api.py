@@ -438,12 +438,22 @@ class Server:
             out["clients"].append(entry)
         return out
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The server thread's event loop while serving, else None. A source driven by a file
+        descriptor runs there (the X11 source): its frames then reach the clients without a
+        hand-off between threads."""
+        return self._loop
+
     def _wake(self) -> None:
         # Called by Display from any thread; coalesce so a fast producer schedules one pump.
         loop = self._loop
         if loop is None or self._wake_pending:
             return
         self._wake_pending = True
+        if threading.current_thread() is self._loop_thread:  # a source on the loop: no self-pipe
+            loop.call_soon(self._pump)
+            return
         try:
             loop.call_soon_threadsafe(self._pump)
         except RuntimeError:  # loop closed while stopping

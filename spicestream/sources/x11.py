@@ -1,7 +1,8 @@
 """Serve a running X server: capture with MIT-SHM, damage from DAMAGE, size from RandR,
 cursor from XFIXES, input through XTEST, the client's window size back through RandR
-(x11randr.py), the selections both ways (x11clip.py). An ordinary X client, through xcffib;
-the capture loop's per-frame events and requests go to libxcb directly (xcb.py).
+(x11randr.py), the selections both ways (x11clip.py); changes are captured on the server's event
+loop as the X server reports them (x11drive.py). An ordinary X client, through xcffib;
+the capture's per-frame events and requests go to libxcb directly (xcb.py).
 
 Capture goes into a ring of SysV shared-memory segments the X server writes into directly;
 each published frame is a numpy view on one of them, so the picture reaches the encoder
@@ -24,7 +25,8 @@ import time
 import numpy as np
 
 from .x11clip import X11ClipboardBridge
-from .xcb import DAMAGE_AREA, DAMAGE_AREA_AT, SCREEN_SIZE, SCREEN_SIZE_AT, RawXcb, XcbConnectionLost, XcbError
+from .xcb import RawXcb, XcbConnectionLost, XcbError
+from .x11drive import CaptureDriver
 from .x11randr import X11Resizer
 from .xpages import FreshPagesHint
 
@@ -84,32 +86,6 @@ class ShmSegment:
         _libc.shmdt(ctypes.c_void_p(self.addr))
 
 
-class CapturePacer:
-    """At most `fps` captures a second on average, with a burst of two: a draw that comes a
-    little early (a producer's jitter) is still captured at once, not merged with the next."""
-
-    BURST = 2.0
-
-    def __init__(self, fps: float):
-        self.period = 1.0 / fps
-        self.tokens = self.BURST
-        self.at: float | None = None
-
-    def _refill(self, now: float) -> None:
-        if self.at is not None:
-            self.tokens = min(self.BURST, self.tokens + (now - self.at) / self.period)
-        self.at = now
-
-    def delay(self, now: float) -> float:
-        """Seconds to wait before the next capture (0: capture now)."""
-        self._refill(now)
-        return 0.0 if self.tokens >= 1.0 else (1.0 - self.tokens) * self.period
-
-    def captured(self, now: float) -> None:
-        self._refill(now)
-        self.tokens = max(0.0, self.tokens - 1.0)
-
-
 def damaged_rows(rects: list | None, height: int) -> list[tuple[int, int]]:
     """The row bands [top, bottom) that `rects` (x, y, w, h) touch, merged; None: all rows."""
     if rects is None:
@@ -158,11 +134,10 @@ class X11Source:
         self.damage_ext.QueryVersion(1, 1).reply()
         self.xfixes.QueryVersion(4, 0).reply()
         self.randr.QueryVersion(1, 2).reply()
-        # The event codes the capture loop reads raw (xcb.py): DamageNotify, RandR's
+        # The event codes the capture driver reads raw (xcb.py): DamageNotify, RandR's
         # ScreenChangeNotify (each its extension's first), XFIXES' CursorNotify (its second).
-        self._damage_event = extensions["DAMAGE"].first_event
-        self._screen_event = extensions["RANDR"].first_event
-        self._cursor_event = extensions["XFIXES"].first_event + 1
+        self.event_codes = (extensions["DAMAGE"].first_event, extensions["RANDR"].first_event,
+                            extensions["XFIXES"].first_event + 1)
         try:
             self.xcb = RawXcb(self.conn)
         except OSError as exc:
@@ -170,6 +145,8 @@ class X11Source:
             raise X11Error(f"cannot load libxcb for capture: {exc}") from None
         self.lock = threading.Lock()  # requests come from the capture and the server threads
         self.segments: list[ShmSegment] = []
+        self._in_flight: tuple | None = None  # the capture whose replies are awaited
+        self._driver: CaptureDriver | None = None
         self.width = self.height = 0
         self.frames_captured = 0  # all sizes: the fresh-pages hint's frame count
         self.buttons = 0
@@ -190,7 +167,7 @@ class X11Source:
             # A client's window size becomes the screen's, where the X server allows it.
             server.on_resize = self.resizer.resize
             server.on_clipboard = self.clipboard.offer
-        self._update_cursor()
+        self.update_cursor()
 
     # -- capture ---------------------------------------------------------------------------------
     def _allocate(self, width: int, height: int) -> None:
@@ -203,8 +180,16 @@ class X11Source:
         self.rows_captured = 0  # rows read from the X server, for tests and benchmarks
         self.display.resize(width, height)
 
-    def capture(self, damage) -> None:
-        """Publish the screen with `damage` (rects) changed, None: everything."""
+    @property
+    def capturing(self) -> bool:
+        """A capture waits for the X server's replies (finish_capture)."""
+        return self._in_flight is not None
+
+    def begin_capture(self, damage) -> None:
+        """Ask the X server for the next ring segment brought up to date with `damage` (rects;
+        None: everything changed); the frame is published by finish_capture once the
+        replies are in. One capture at a time."""
+        assert self._in_flight is None, "a capture is already in flight"
         for i in range(RING):  # every segment misses this damage until it is next written
             if self._stale[i] is not None:
                 self._stale[i] = None if damage is None else self._stale[i] + damage
@@ -212,80 +197,85 @@ class X11Source:
         self._next = (index + 1) % RING
         seg = self.segments[index]
         bands = damaged_rows(self._stale[index], self.height)
-        if sum(b - a for a, b in bands) > FULL_CAPTURE_SHARE * self.height:
-            bands = [(0, self.height)]
-        stride = self.width * 4
+        rows = sum(b - a for a, b in bands)
+        if rows > FULL_CAPTURE_SHARE * self.height:
+            bands, rows = [(0, self.height)], self.height
         with self.lock:
-            self.xcb.shm_get_images(self.root, seg.seg, self.width, bands, stride)
+            sequences = self.xcb.request_images(self.root, seg.seg, self.width, bands, self.width * 4)
         self._stale[index] = []
-        self.rows_captured += sum(b - a for a, b in bands)
+        self._in_flight = (index, damage, rows, sequences, [])
+
+    def finish_capture(self, wait: bool = False) -> bool:
+        """Publish the capture in flight if its replies are in (all of them, with `wait`).
+        True when nothing is left in flight. XcbError if the X server refused a request."""
+        flight = self._in_flight
+        if flight is None:
+            return True
+        index, damage, rows, sequences, errors = flight
+        with self.lock:
+            if wait:
+                self.xcb.wait_replies(sequences, errors)
+            elif not self.xcb.poll_replies(sequences, errors):
+                return False
+        self._in_flight = None
+        if errors:
+            self._stale[index] = None  # not written after all
+            raise XcbError(errors[0])
+        self.rows_captured += rows
         self.frames_captured += 1
-        frame = seg.array.reshape(self.height, self.width, 4)
-        self.display.update(frame, damage)
+        self.display.update(self.segments[index].array.reshape(self.height, self.width, 4), damage)
+        return True
+
+    def capture(self, damage) -> None:
+        """Publish the screen with `damage` (rects) changed, None: everything; waits for the X
+        server."""
+        self.begin_capture(damage)
+        self.finish_capture(wait=True)
 
     def run(self, stop: threading.Event) -> None:
-        """Capture each change as soon as the X server reports it, at most `fps` a second
-        (CapturePacer), until `stop` is set. Waiting for the next tick of a fixed clock would
-        add up to a tick of latency and merge two draws that fall in one tick. X11Error if
-        the X server goes away."""
+        """Capture each change as the X server reports it, on the server's event loop
+        (x11drive.CaptureDriver), until `stop` is set. X11Error if the X server goes away
+        (`stop` is then set too) or the server is not serving."""
+        loop = self.server.loop
+        if loop is None:
+            raise X11Error("the server is not serving: start it before the X11 source runs")
+        driver = CaptureDriver(self, loop, stop)
+        self._driver = driver
         try:
-            self.capture(None)  # the first frame whole
-            pacer = CapturePacer(self.fps)
-            pacer.captured(time.monotonic())
-            self._loop(stop, pacer, self.conn.get_file_descriptor())
-        except (self.xcffib.ConnectionException, XcbConnectionLost) as exc:
-            raise X11Error(f"the X server has exited ({exc})") from None
+            loop.call_soon_threadsafe(driver.start)
+        except RuntimeError:  # the loop closed meanwhile
+            raise X11Error("the server stopped") from None
+        stop.wait()
+        driver.stop_and_wait()
+        self._driver = None
+        if driver.lost is not None:
+            raise X11Error(driver.lost)
 
-    def _loop(self, stop: threading.Event, pacer: CapturePacer, fd: int) -> None:
-        import select
-
-        poll = self.xcb.poll_event
-        damage_event, screen_event, cursor_event = self._damage_event, self._screen_event, self._cursor_event
-        damage, resized, cursor = [], None, False
-        while not stop.is_set():
-            while (event := poll()) is not None:
-                kind = event[0] & 0x7F  # bit 7: sent by SendEvent, the same event to us
-                if kind == damage_event:
-                    damage.append(DAMAGE_AREA.unpack_from(event, DAMAGE_AREA_AT))
-                elif kind == screen_event:
-                    resized = SCREEN_SIZE.unpack_from(event, SCREEN_SIZE_AT)
-                elif kind == cursor_event:
-                    cursor = True
-                elif kind == 0:  # an error for a request nobody waits on (input, cursor)
-                    log.debug("X error %d for a request of ours", event[1])
-            if cursor:
-                self._update_cursor()
-                cursor = False
-            if damage or resized:
-                delay = pacer.delay(time.monotonic())
-                if delay > 0:
-                    stop.wait(delay)  # then gather what else changed meanwhile
-                    continue
-                self.capture_changes(damage, resized)
-                now = time.monotonic()
-                pacer.captured(now)
-                self.pages_hint.check(now, self.frames_captured)
-                damage, resized = [], None
-                continue
-            select.select([fd], [], [], 0.1)  # an X event, or a look at `stop`
+    def begin_changes(self, damage: list, resized: tuple[int, int] | None) -> None:
+        """begin_capture for what the events since the last capture said changed: a new
+        screen size is captured whole."""
+        if resized and resized != (self.width, self.height):
+            with self.lock:
+                self._allocate(*resized)
+            self.begin_capture(None)
+        elif damage:
+            self.begin_capture(damage)
 
     def capture_changes(self, damage: list, resized: tuple[int, int] | None) -> None:
-        """Capture what the events since the last capture said changed."""
+        """Capture what the events since the last capture said changed; waits for the X server."""
         try:
-            if resized and resized != (self.width, self.height):
-                with self.lock:
-                    self._allocate(*resized)
-                self.capture(None)
-            elif damage:
-                self.capture(damage)
+            self.begin_changes(damage, resized)
+            self.finish_capture(wait=True)
         except (self.xcffib.ConnectionException, XcbConnectionLost):
             raise
         except (self.xcffib.XcffibException, XcbError) as exc:
-            # The screen changed size between its damage and its ScreenChangeNotify: a capture
-            # of the old size does not fit (BadMatch). Take the size it has now.
-            self._follow_screen(exc)
+            self.follow_screen(exc)
 
-    def _follow_screen(self, error) -> None:
+    def follow_screen(self, error) -> None:
+        """A capture failed (`error`): the screen changed size between its damage and its
+        ScreenChangeNotify, so a capture of the old size does not fit (BadMatch). Take the
+        size it has now, whole."""
+        self._in_flight = None
         geometry = self.conn.core.GetGeometry(self.root).reply()
         size = (geometry.width, geometry.height)
         if size == (self.width, self.height):
@@ -296,7 +286,7 @@ class X11Source:
         self.capture(None)
 
     # -- cursor ------------------------------------------------------------------------------------
-    def _update_cursor(self) -> None:
+    def update_cursor(self) -> None:
         try:
             with self.lock:
                 image = self.xfixes.GetCursorImage().reply()
@@ -335,6 +325,7 @@ class X11Source:
         with self.lock:
             self.xtest.FakeInput(kind, code, 0, self.root, 0, 0, 0)
             self.conn.flush()
+        self._poke()
 
     def pointer(self, x: int, y: int, buttons: int) -> None:
         with self.lock:
@@ -346,6 +337,13 @@ class X11Source:
                     self.xtest.FakeInput(kind, button, 0, self.root, 0, 0, 0)
             self.buttons = buttons
             self.conn.flush()
+        self._poke()
+
+    def _poke(self) -> None:
+        # A flush may read the X server's events into libxcb's queue: the driver looks there.
+        driver = self._driver
+        if driver is not None:
+            driver.poke()
 
     def close(self) -> None:
         server = self.server

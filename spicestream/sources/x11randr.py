@@ -1,6 +1,6 @@
 """The X screen follows the client's window: RandR 1.2, as `xrandr --newmode/--addmode/
 --output --mode --fb` would do it, from an X connection of its own (resize requests come on
-the server thread; the capture thread has its connection to itself).
+the server thread, where the capture runs too, on a connection of its own).
 
 Xorg with the dummy driver and Xvnc take any size up to their maximum; Xvfb's maximum is its
 start size, so there a bigger request is refused, said once in the log, and the size kept.

@@ -1,4 +1,4 @@
-"""The capture loop's per-frame X requests, made on libxcb directly (ctypes), not through xcffib.
+"""The capture's per-frame X requests, made on libxcb directly (ctypes), not through xcffib.
 
 xcffib builds every request and parses every event and reply in Python, and that code runs
 cold once a frame: through it the capture thread used 0.47-0.52 ms a frame, here 0.33-0.35
@@ -14,7 +14,11 @@ client's own, so native):
   xcb_randr_screen_change_notify_event_t  width, height (uint16) at 24
   xcb_shm_get_image(c, drawable, int16 x, int16 y, uint16 w, uint16 h, uint32 plane_mask,
                     uint8 format, shmseg, uint32 offset) -> cookie {unsigned int sequence}
-  xcb_shm_get_image_reply(c, cookie, xcb_generic_error_t **e) -> reply (malloc'd) or NULL
+  xcb_wait_for_reply(c, unsigned int request, xcb_generic_error_t **e) -> reply (malloc'd) or NULL
+  xcb_poll_for_reply(c, unsigned int request, void **reply, xcb_generic_error_t **e) -> int:
+      1 once the reply or the error is in (each malloc'd, the other NULL), 0 while it is not;
+      reads the socket if nothing is queued, like xcb_poll_for_event
+  xcb_flush(c) -> int (<= 0: the connection broke)
 """
 
 from __future__ import annotations
@@ -53,19 +57,24 @@ def _load():
     xcb.xcb_poll_for_event.restype = ctypes.c_void_p
     xcb.xcb_connection_has_error.argtypes = [conn]
     xcb.xcb_connection_has_error.restype = ctypes.c_int
+    xcb.xcb_poll_for_reply.argtypes = [conn, ctypes.c_uint, ctypes.POINTER(ctypes.c_void_p),
+                                       ctypes.POINTER(ctypes.c_void_p)]
+    xcb.xcb_poll_for_reply.restype = ctypes.c_int
+    xcb.xcb_flush.argtypes = [conn]
+    xcb.xcb_flush.restype = ctypes.c_int
+    xcb.xcb_wait_for_reply.argtypes = [conn, ctypes.c_uint, ctypes.POINTER(ctypes.c_void_p)]
+    xcb.xcb_wait_for_reply.restype = ctypes.c_void_p
     shm.xcb_shm_get_image.argtypes = [conn, ctypes.c_uint32, ctypes.c_int16, ctypes.c_int16,
                                       ctypes.c_uint16, ctypes.c_uint16, ctypes.c_uint32,
                                       ctypes.c_uint8, ctypes.c_uint32, ctypes.c_uint32]
     shm.xcb_shm_get_image.restype = _Cookie
-    shm.xcb_shm_get_image_reply.argtypes = [conn, _Cookie, ctypes.POINTER(ctypes.c_void_p)]
-    shm.xcb_shm_get_image_reply.restype = ctypes.c_void_p
     libc.free.argtypes = [ctypes.c_void_p]
     libc.free.restype = None
     return xcb, shm, libc
 
 
 class RawXcb:
-    """The few calls the capture loop makes per frame, on an xcffib connection's libxcb."""
+    """The few calls the capture makes per frame, on an xcffib connection's libxcb."""
 
     _libs = None
 
@@ -79,7 +88,10 @@ class RawXcb:
         xcb, shm, libc = RawXcb._libs
         self._c = ctypes.c_void_p(int(xcffib.ffi.cast("uintptr_t", xcffib_conn._conn)))
         self._poll, self._has_error = xcb.xcb_poll_for_event, xcb.xcb_connection_has_error
-        self._get_image, self._get_image_reply = shm.xcb_shm_get_image, shm.xcb_shm_get_image_reply
+        self._get_image = shm.xcb_shm_get_image
+        self._poll_reply, self._wait_reply, self._flush = (xcb.xcb_poll_for_reply, xcb.xcb_wait_for_reply,
+                                                           xcb.xcb_flush)
+        self._reply, self._error = ctypes.c_void_p(), ctypes.c_void_p()
         self._free = libc.free
         self._string_at = ctypes.string_at
 
@@ -102,25 +114,54 @@ class RawXcb:
         finally:
             self._free(event)
 
-    def shm_get_images(self, drawable: int, seg: int, width: int, bands, stride: int) -> None:
-        """Read the full-width row bands [top, bottom) of `drawable` into the MIT-SHM segment
-        `seg` at the same rows; the requests go out together (one round trip). XcbError if the
-        X server refused one (the others are still collected)."""
-        c, error = self._c, ctypes.c_void_p()
+    def request_images(self, drawable: int, seg: int, width: int, bands, stride: int) -> list[int]:
+        """Ask for the full-width row bands [top, bottom) of `drawable` in the MIT-SHM segment
+        `seg`, at the same rows; the requests are flushed, not waited for. Returns their
+        sequence numbers, for poll_replies."""
+        c = self._c
         if c is None:
             raise XcbConnectionLost("closed")
-        cookies = [self._get_image(c, drawable, 0, top, width, bottom - top, 0xFFFFFFFF, Z_PIXMAP,
-                                   seg, top * stride) for top, bottom in bands]
-        code = None
-        for cookie in cookies:
-            reply = self._get_image_reply(c, cookie, ctypes.byref(error))
+        sequences = [self._get_image(c, drawable, 0, top, width, bottom - top, 0xFFFFFFFF, Z_PIXMAP,
+                                     seg, top * stride).sequence for top, bottom in bands]
+        if self._flush(c) <= 0:
+            raise XcbConnectionLost(f"libxcb connection error {self._has_error(c)}")
+        return sequences
+
+    def poll_replies(self, sequences: list[int], errors: list[int]) -> bool:
+        """Take the replies of `sequences` that are in (removed from the list, in order; the
+        code of each X error appended to `errors`). True once none is left."""
+        c, reply, error = self._c, self._reply, self._error
+        if c is None:
+            raise XcbConnectionLost("closed")
+        while sequences:
+            if not self._poll_reply(c, sequences[0], ctypes.byref(reply), ctypes.byref(error)):
+                if self._has_error(c):
+                    raise XcbConnectionLost(f"libxcb connection error {self._has_error(c)}")
+                return False
+            del sequences[0]
+            if reply.value:
+                self._free(reply.value)
+                reply.value = None
+            elif not error.value and self._has_error(c):  # "in" because the connection broke
+                raise XcbConnectionLost(f"libxcb connection error {self._has_error(c)}")
+            if error.value:
+                errors.append(self._string_at(error.value, 2)[1])
+                self._free(error.value)
+                error.value = None
+        return True
+
+    def wait_replies(self, sequences: list[int], errors: list[int]) -> None:
+        """poll_replies, waiting for each reply (the list is left empty)."""
+        c, error = self._c, self._error
+        if c is None:
+            raise XcbConnectionLost("closed")
+        while sequences:
+            reply = self._wait_reply(c, sequences.pop(0), ctypes.byref(error))
             if reply:
                 self._free(reply)
             if error.value:
-                code = self._string_at(error.value, 2)[1]
+                errors.append(self._string_at(error.value, 2)[1])
                 self._free(error.value)
                 error.value = None
-        if code is not None:
-            raise XcbError(code)
-        if self._has_error(c):  # a reply of NULL without an error
-            raise XcbConnectionLost(f"libxcb connection error {self._has_error(c)}")
+            elif not reply and self._has_error(c):  # NULL without an error: the connection broke
+                raise XcbConnectionLost(f"libxcb connection error {self._has_error(c)}")

@@ -81,7 +81,7 @@ class FaultRate:
 
 
 class FreshPagesHint:
-    """Watches the exported X server from the capture loop; logs the hint at most once."""
+    """Watches the exported X server as frames are captured; logs the hint at most once."""
 
     def __init__(self, display_name: str, fd: int, now: float, every: float = CHECK_EVERY_S):
         self.display_name = display_name

@@ -1,0 +1,187 @@
+"""When the X11 source captures: on the server's event loop, as the X server reports changes.
+
+The loop that sends the frames also watches the X connection's socket. It reads the DAMAGE,
+RandR and XFIXES events, asks for the damaged rows (x11.py, begin_capture) without waiting,
+and publishes the frame when the replies are in; the display's wake-up then finds the loop
+already running, with no self-pipe to write. With a capture thread of its own, a frame cost a
+wake-up and a GIL hand-off on each side: our Python threads took 1.33-1.40 ms a frame, here
+1.07-1.24 (bench/glass_x11.py, MJPEG, 4 alternated pairs; the README has the figures).
+
+Nothing here waits on the X server, except a cursor change (GetCursorImage) and the rare
+capture that failed because the screen changed size under it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from .xcb import DAMAGE_AREA, DAMAGE_AREA_AT, SCREEN_SIZE, SCREEN_SIZE_AT, XcbConnectionLost, XcbError
+
+log = logging.getLogger("spicestream.x11")
+
+STOP_WAIT_S = 5.0
+
+
+class CapturePacer:
+    """At most `fps` captures a second on average, with a burst of two: a draw that comes a
+    little early (a producer's jitter) is still captured at once, not merged with the next."""
+
+    BURST = 2.0
+
+    def __init__(self, fps: float):
+        self.period = 1.0 / fps
+        self.tokens = self.BURST
+        self.at: float | None = None
+
+    def _refill(self, now: float) -> None:
+        if self.at is not None:
+            self.tokens = min(self.BURST, self.tokens + (now - self.at) / self.period)
+        self.at = now
+
+    def delay(self, now: float) -> float:
+        """Seconds to wait before the next capture (0: capture now)."""
+        self._refill(now)
+        return 0.0 if self.tokens >= 1.0 else (1.0 - self.tokens) * self.period
+
+    def captured(self, now: float) -> None:
+        self._refill(now)
+        self.tokens = max(0.0, self.tokens - 1.0)
+
+
+class CaptureDriver:
+    """Drives an X11Source from `loop`: start() there, stop_and_wait() from another thread.
+    Each change is captured as soon as the X server reports it, at most `fps` a second
+    (CapturePacer): waiting for the next tick of a fixed clock would add up to a tick of
+    latency and merge two draws that fall in one tick. If the X connection breaks, `lost`
+    says why and `stop` is set."""
+
+    def __init__(self, source, loop, stop: threading.Event):
+        self.source, self.loop, self.stop = source, loop, stop
+        self.fd = source.conn.get_file_descriptor()
+        self.pacer = CapturePacer(source.fps)
+        self.damage: list = []
+        self.resized: tuple[int, int] | None = None
+        self.whole = True  # the first frame is captured whole
+        self.timer = None  # the pacer's wait
+        self.lost: str | None = None
+        self.running = False
+        self.loop_thread: int | None = None
+        self._stopped = threading.Event()
+
+    # -- lifecycle (start and _halt on the loop) -----------------------------------------------
+    def start(self) -> None:
+        if self.stop.is_set():
+            self._stopped.set()
+            return
+        self.running, self.loop_thread = True, threading.get_ident()
+        self.loop.add_reader(self.fd, self.service)
+        self.service()
+
+    def stop_and_wait(self) -> None:
+        """Stop watching the X connection; returns once the loop has let go of it."""
+        try:
+            self.loop.call_soon_threadsafe(self._halt)
+        except RuntimeError:  # the loop is closed: nothing of ours runs on it any more
+            return
+        if not self._stopped.wait(STOP_WAIT_S):
+            log.warning("the server's loop did not stop the X11 capture in %.0f s", STOP_WAIT_S)
+
+    def _halt(self) -> None:
+        if self.running:
+            self.running = False
+            self.loop.remove_reader(self.fd)
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+        self._stopped.set()
+
+    def poke(self) -> None:
+        """Look at the connection soon: a request made elsewhere (input) may have read events
+        into libxcb's queue, where the socket no longer signals them."""
+        if not self.running:
+            return
+        if threading.get_ident() == self.loop_thread:
+            self.loop.call_soon(self.service)
+        else:
+            try:
+                self.loop.call_soon_threadsafe(self.service)
+            except RuntimeError:
+                pass
+
+    # -- work --------------------------------------------------------------------------------
+    def service(self) -> None:
+        """Take what the X server sent and move the capture on, until nothing is left to do
+        before the X server or the pacer answers."""
+        if not self.running:
+            return
+        try:
+            while self._read_events() or self._advance():
+                pass
+        except (XcbConnectionLost, self.source.xcffib.ConnectionException) as exc:
+            self._give_up(f"the X server has exited ({exc})")
+        except Exception as exc:  # a bug of ours: said once, not at every event that follows
+            log.exception("X11 capture failed")
+            self._give_up(f"capture failed: {exc!r}")
+
+    def _give_up(self, why: str) -> None:
+        self.lost = why
+        self._halt()
+        self.stop.set()
+
+    def _paced(self) -> None:
+        self.timer = None
+        self.service()
+
+    def _read_events(self) -> bool:
+        """Take the queued X events (reading the socket); True if there were any."""
+        source = self.source
+        poll = source.xcb.poll_event
+        damage_event, screen_event, cursor_event = source.event_codes
+        seen = cursor = False
+        while (event := poll()) is not None:
+            seen = True
+            kind = event[0] & 0x7F  # bit 7: sent by SendEvent, the same event to us
+            if kind == damage_event:
+                self.damage.append(DAMAGE_AREA.unpack_from(event, DAMAGE_AREA_AT))
+            elif kind == screen_event:
+                self.resized = SCREEN_SIZE.unpack_from(event, SCREEN_SIZE_AT)
+            elif kind == cursor_event:
+                cursor = True
+            elif kind == 0:  # an error for a request nobody waits on (input, cursor)
+                log.debug("X error %d for a request of ours", event[1])
+        if cursor:
+            source.update_cursor()
+        return seen
+
+    def _advance(self) -> bool:
+        """Finish the capture in flight, or start the next; True if either happened."""
+        source = self.source
+        xcffib = source.xcffib
+        try:
+            if source.capturing:
+                if not source.finish_capture():
+                    return False  # its replies are still to come: the socket will say
+                source.pages_hint.check(time.monotonic(), source.frames_captured)
+                return True
+            if not (self.damage or self.resized or self.whole) or self.timer is not None:
+                return False
+            now = time.monotonic()
+            delay = self.pacer.delay(now)
+            if delay > 0:  # then what else changed meanwhile is captured with it
+                self.timer = self.loop.call_later(delay, self._paced)
+                return False
+            damage, resized, whole = self.damage, self.resized, self.whole
+            self.damage, self.resized, self.whole = [], None, False
+            self.pacer.captured(now)
+            if whole and not (resized and resized != (source.width, source.height)):
+                source.begin_capture(None)
+            else:  # a new size is captured whole
+                source.begin_changes(damage, resized)
+            return True
+        except (xcffib.ConnectionException, XcbConnectionLost):
+            raise
+        except (xcffib.XcffibException, XcbError) as exc:
+            source.follow_screen(exc)
+            return True
