@@ -37,7 +37,12 @@ from .security import is_loopback, parse_secure_channels, tls_context
 from .web import WebRoot, normalise_origin
 
 log = logging.getLogger("spicestream.server")
-TICK_S = 0.05  # draw completions are promised within 1 s; this keeps them well inside
+# The periodic work (streams ending, rate control, draw completions): on the wake-up of a
+# display update once TICK_S has passed, so a stream's frames carry it without waking the
+# loop again (every other frame at 30 fps, every third at 60); on a timer TICK_IDLE_S after
+# the last run when no update comes. Draw completions are promised within 1 s.
+TICK_S = 0.04
+TICK_IDLE_S = 0.1
 STATS_LOG_S = 5.0
 
 
@@ -359,8 +364,8 @@ class Server:
         if self._core.video_codecs is not None:
             # Probe encoders now, off the loop, so the first stream does not wait for it.
             loop.run_in_executor(None, lambda: self._core.video_codecs.probe).add_done_callback(_probe_done)
-        self._last_stats_log = time.monotonic()
-        self._ticker = loop.call_later(TICK_S, self._tick, loop)
+        self._last_stats_log = self._last_tick = time.monotonic()
+        self._ticker = loop.call_later(TICK_IDLE_S, self._tick)
         self._ready.set()
         try:
             await self._stopping.wait()
@@ -381,13 +386,15 @@ class Server:
             self._core.audio.reset()  # no timer of a dead loop; a restart starts streams anew
             self._loop = None
 
-    def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
-        # Streams end when their region goes still, also when the application stops drawing;
-        # rate control samples the transports at the same pace. A timer that re-arms itself,
-        # not a task sleeping in a loop: 20 times a second, a timer handle instead of a
-        # future, a timer and a task step.
-        self._ticker = loop.call_later(TICK_S, self._tick, loop)
-        now = time.monotonic()
+    def _tick(self) -> None:
+        # A timer that re-arms itself, not a task sleeping in a loop: a timer handle instead
+        # of a future, a timer and a task step.
+        self._periodic(time.monotonic())
+
+    def _periodic(self, now: float) -> None:
+        self._ticker.cancel()  # the timer's own run, or one a display update made early
+        self._ticker = self._loop.call_at(self._loop.time() + TICK_IDLE_S, self._tick)
+        self._last_tick = now
         try:
             self.display.tick(now)
             self._core.control_tick(now)
@@ -462,6 +469,9 @@ class Server:
     def _pump(self) -> None:
         self._wake_pending = False
         self._core.pump_displays()
+        now = time.monotonic()
+        if now - self._last_tick >= TICK_S and not self._stopping.is_set():  # (its timer is cancelled then)
+            self._periodic(now)
 
     def start(self) -> "Server":
         """Serve from a background thread; returns once the port is listening."""
