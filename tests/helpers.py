@@ -117,8 +117,9 @@ def metrics_text(server) -> str:
 
 
 class X11Export:
-    """spicestream's X11 source exporting a running X server (`x`, started) to `server`, its
-    capture loop in a thread of its own, as `spicestream serve --source x11` runs it."""
+    """spicestream's X11 source exporting a running X server (`x`, started) to `server`, as
+    `spicestream serve --source x11` runs it: run() waits in a thread of its own for `stop`
+    while the capture runs on the server's loop."""
 
     def __init__(self, x, server, view_only: bool = False, fps: float = 30):
         import threading

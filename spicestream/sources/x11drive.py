@@ -4,8 +4,9 @@ The loop that sends the frames also watches the X connection's socket. It reads 
 RandR and XFIXES events, asks for the damaged rows (x11.py, begin_capture) without waiting,
 and publishes the frame when the replies are in; the display's wake-up then finds the loop
 already running, with no self-pipe to write. With a capture thread of its own, a frame cost a
-wake-up and a GIL hand-off on each side: our Python threads took 1.33-1.40 ms a frame, here
-1.07-1.24 (bench/glass_x11.py, MJPEG, 4 alternated pairs; the README has the figures).
+wake-up and a GIL hand-off on each side: that thread and the server's took 1.71 and 1.71 ms a
+frame, the server's alone 1.47 and 1.33 here (bench/glass_x11.py, MJPEG, 2 alternated pairs;
+the README has the figures).
 
 Nothing here waits on the X server, except a cursor change (GetCursorImage) and the rare
 capture that failed because the screen changed size under it.
