@@ -34,15 +34,10 @@ from .core import DEFAULT_MAX_CLIPBOARD, ServerCore
 from .filexfer import FileTransferConfig
 from .cursor import cursor_bytes
 from .security import is_loopback, parse_secure_channels, tls_context
+from .ticks import TICK_IDLE_S, TickSchedule
 from .web import WebRoot, normalise_origin
 
 log = logging.getLogger("spicestream.server")
-# The periodic work (streams ending, rate control, draw completions): on the wake-up of a
-# display update once TICK_S has passed, so a stream's frames carry it without waking the
-# loop again (every other frame at 30 fps, every third at 60); on a timer TICK_IDLE_S after
-# the last run when no update comes. Draw completions are promised within 1 s.
-TICK_S = 0.04
-TICK_IDLE_S = 0.1
 STATS_LOG_S = 5.0
 
 
@@ -364,7 +359,8 @@ class Server:
         if self._core.video_codecs is not None:
             # Probe encoders now, off the loop, so the first stream does not wait for it.
             loop.run_in_executor(None, lambda: self._core.video_codecs.probe).add_done_callback(_probe_done)
-        self._last_stats_log = self._last_tick = time.monotonic()
+        self._last_stats_log = now = time.monotonic()
+        self._ticks = TickSchedule(now)
         self._ticker = loop.call_later(TICK_IDLE_S, self._tick)
         self._ready.set()
         try:
@@ -392,9 +388,9 @@ class Server:
         self._periodic(time.monotonic())
 
     def _periodic(self, now: float) -> None:
+        # Loop time and monotonic time are the same clock (asyncio's time() is monotonic()).
         self._ticker.cancel()  # the timer's own run, or one a display update made early
-        self._ticker = self._loop.call_at(self._loop.time() + TICK_IDLE_S, self._tick)
-        self._last_tick = now
+        self._ticker = self._loop.call_at(self._ticks.ran(now), self._tick)
         try:
             self.display.tick(now)
             self._core.control_tick(now)
@@ -470,7 +466,7 @@ class Server:
         self._wake_pending = False
         self._core.pump_displays()
         now = time.monotonic()
-        if now - self._last_tick >= TICK_S and not self._stopping.is_set():  # (its timer is cancelled then)
+        if self._ticks.due_on_update(now) and not self._stopping.is_set():  # (its timer is cancelled then)
             self._periodic(now)
 
     def start(self) -> "Server":
