@@ -20,6 +20,7 @@ from typing import Callable
 import numpy as np
 
 from .damage import TileGrid, diff_tiles
+from .framerate import FrameRate
 from .scanout import DrawTracker, Scanout, ScanoutError
 from .streams import StreamDetector, StreamRegion
 
@@ -76,7 +77,7 @@ class Display:
         self.wake: Callable[[], None] = lambda: None  # set by the server: schedules a send
         self.frames = 0  # generation of `frame`: bumps on every update
         self.frame_time = time.monotonic()  # when `frame` was published
-        self.fps = 30.0  # recent update rate (moving average)
+        self.rate = FrameRate()  # of updates and scanout draws
         self.streaming = streaming
         self.scanout: Scanout | None = None  # a GPU scanout replaces `frame` while it is set
         self.scanout_region: StreamRegion | None = None
@@ -94,6 +95,11 @@ class Display:
         self._shadow: np.ndarray | None = None
         self._grids: dict[tuple, np.ndarray] = {}  # damage rectangles -> their tiles
         self.detector = StreamDetector(self.streaming, width, height)
+
+    @property
+    def fps(self) -> float:
+        """The recent rate of updates (scanout draws included)."""
+        return self.rate.fps
 
     @property
     def stream_region(self) -> StreamRegion | None:
@@ -151,6 +157,7 @@ class Display:
             if self.scanout is None:
                 raise ScanoutError("gl_draw without a scanout")
             self.frame_time = time.monotonic()
+            self.rate.observe(self.frame_time)
         # Outside our lock: with no client the cookie completes right here, in the caller.
         seq = self.draws.draw(cookie)
         with self.lock:
@@ -198,9 +205,7 @@ class Display:
                 cells = self._damage_cells(damage)
                 self._shadow = None  # given damage: the shadow would be stale
             now = time.monotonic()
-            interval = now - self.frame_time
-            if 0 < interval < 1:
-                self.fps += (1 / interval - self.fps) * 0.1
+            self.rate.observe(now)
             self.frame, self.frame_time = frame, now
             self.frames += 1
             for view in self.views:

@@ -138,8 +138,8 @@ class StreamSender:
                 region.stream_id, stream.unique_id, REPORT_WINDOW, REPORT_TIMEOUT_MS))
         with self.display.lock:
             self.channel.view.stream_mask = region.tile_mask(self.display.width, self.display.height)
-        log.info("%s: stream %d %dx%d at %d,%d as %s (%s)", self.conn.peer, region.stream_id,
-                 region.width, region.height, region.x, region.y, entry, encoder.element)
+        log.info("%s: stream %d %dx%d at %d,%d as %s (%s) at %d fps", self.conn.peer, region.stream_id,
+                 region.width, region.height, region.x, region.y, entry, encoder.element, fps)
 
     def _pixel_format(self) -> str:
         scanout = self.display.scanout
