@@ -2,7 +2,7 @@
 (server/ticks.py), judged with an injected clock."""
 
 from spicestream.display.scanout import DRAW_TIMEOUT_S
-from spicestream.server.ticks import TICK_IDLE_S, TickSchedule
+from spicestream.server.ticks import TICK_IDLE_S, TICK_S, TickSchedule
 
 
 def run_schedule(frame_times: list[float], until: float) -> tuple[list[float], list[float]]:
@@ -53,6 +53,15 @@ def test_without_updates_the_timer_runs_the_work_ten_times_a_second():
 
 
 def test_a_draw_timeout_plus_the_longest_wait_for_a_run_stays_within_the_promised_second():
-    # A draw expires DRAW_TIMEOUT_S after it was made; the next run sees that within
-    # TICK_IDLE_S at the latest and completes it.
+    # A draw expires DRAW_TIMEOUT_S after it was made, and the timer is armed at the next
+    # deadline; even a run that came TICK_IDLE_S late would complete it within the second.
     assert DRAW_TIMEOUT_S + TICK_IDLE_S <= 1.0
+
+
+def test_a_waiting_frame_or_a_draw_deadline_brings_the_timer_forward():
+    schedule = TickSchedule(0.0)
+    assert schedule.ran(1.0) == 1.0 + TICK_IDLE_S
+    assert schedule.ran(2.0, hurry=True) == 2.0 + TICK_S
+    assert schedule.ran(3.0, deadline=3.03) == 3.03
+    assert schedule.ran(4.0, deadline=5.0) == 4.0 + TICK_IDLE_S
+    assert schedule.ran(6.0, deadline=5.9) == 6.0  # overdue: at once

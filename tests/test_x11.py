@@ -406,6 +406,31 @@ def test_a_capture_waiting_on_a_stopped_x_server_leaves_the_server_free(served):
     assert published_on and set(published_on) == {"spicestream"}, published_on  # the server's thread
 
 
+def test_a_capture_reply_read_by_another_thread_is_still_collected(served):
+    """A request made on the connection by another thread can read the capture's reply into
+    libxcb's queue, where the socket no longer announces it: the driver looks again
+    (RECHECK_S) rather than wait for unrelated X traffic (none comes on a desktop at rest)."""
+    source, server = served.source, served.server
+    _wait_until(lambda: source.frames_captured >= 1 and not source.capturing, "the first frame")
+    frames = source.frames_captured
+    pid = served.x.xvfb.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        def capture_as_the_driver_does():
+            source.begin_capture(None)
+            source._driver.service()  # finds the replies not in yet: looks again later
+
+        server.loop.call_soon_threadsafe(capture_as_the_driver_does)
+        _wait_until(lambda: source.capturing, "the capture's requests")
+        other = threading.Thread(target=lambda: source.conn.core.GetInputFocus().reply())
+        other.start()
+        time.sleep(0.2)  # let it wait on the socket first (if it does not, the loop reads the reply)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    other.join(10)
+    _wait_until(lambda: source.frames_captured > frames, "the frame whose reply the other thread read")
+
+
 def test_the_capture_ends_with_x11error_when_the_x_server_exits(tmp_path):
     x = xclient.XSession(W, H, log_dir=tmp_path / "served").start()
     server = spicestream.Server(port=0, width=64, height=64, streaming_video="off").start()

@@ -27,7 +27,7 @@ import numpy as np
 
 from ..stats import LatencyHistogram
 
-DRAW_TIMEOUT_S = 0.85  # under the promised 1 s, with room for the server's 100 ms idle tick
+DRAW_TIMEOUT_S = 0.85  # under the promised 1 s; the server's tick runs at the next deadline
 DRM_FORMAT_MOD_LINEAR = 0
 DRM_FORMAT_MOD_INVALID = (1 << 56) - 1  # "implicit": drivers treat a plain buffer as linear
 

@@ -333,6 +333,10 @@ class Server:
         self._core.link_keys.start(loop)
         self._loop_thread = threading.current_thread()
         self._stopping = asyncio.Event()
+        # The schedule exists before the first wake-up can run a pump (which consults it).
+        self._last_stats_log = now = time.monotonic()
+        self._ticks = TickSchedule(now)
+        self._ticker = loop.call_later(TICK_IDLE_S, self._tick)
         self.display.wake = self._wake
         pump = self._core.audio
         pump.output.wake = lambda: loop.call_soon_threadsafe(pump.wake) if not loop.is_closed() else None
@@ -359,9 +363,6 @@ class Server:
         if self._core.video_codecs is not None:
             # Probe encoders now, off the loop, so the first stream does not wait for it.
             loop.run_in_executor(None, lambda: self._core.video_codecs.probe).add_done_callback(_probe_done)
-        self._last_stats_log = now = time.monotonic()
-        self._ticks = TickSchedule(now)
-        self._ticker = loop.call_later(TICK_IDLE_S, self._tick)
         self._ready.set()
         try:
             await self._stopping.wait()
@@ -388,14 +389,16 @@ class Server:
         self._periodic(time.monotonic())
 
     def _periodic(self, now: float) -> None:
-        # Loop time and monotonic time are the same clock (asyncio's time() is monotonic()).
         self._ticker.cancel()  # the timer's own run, or one a display update made early
-        self._ticker = self._loop.call_at(self._ticks.ran(now), self._tick)
         try:
             self.display.tick(now)
             self._core.control_tick(now)
         except Exception:  # one bad connection must not stop ticks for everyone
             log.exception("periodic tick failed")
+        finally:
+            # Loop time and monotonic time are one clock (asyncio's time() is monotonic()).
+            at = self._ticks.ran(now, self._core.frames_waiting(), self.display.draws.next_deadline())
+            self._ticker = self._loop.call_at(at, self._tick)
         if now - self._last_stats_log >= STATS_LOG_S and log.isEnabledFor(logging.DEBUG):
             self._last_stats_log = now
             for client in self._collect_stats()["clients"]:

@@ -226,6 +226,10 @@ class ServerCore:
                     continue
             channel.writable()  # e.g. a local client's scanout waits for an empty buffer
 
+    def frames_waiting(self) -> bool:
+        """A client's stream holds a frame back until the link has room."""
+        return any(c.streams is not None and c.streams.waiting_frame for c in self.display_channels)
+
     def set_cursor(self, cursor: bytes) -> None:
         self.cursor = cursor
         for channel in list(self.cursor_channels):

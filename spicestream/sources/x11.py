@@ -34,6 +34,7 @@ log = logging.getLogger("spicestream.x11")
 
 REQUIRED_EXTENSIONS = ("MIT-SHM", "DAMAGE", "XFIXES", "XTEST", "RANDR")
 RING = 4
+SERVER_CHECK_S = 0.5  # how often run() looks whether the server still serves
 FULL_CAPTURE_SHARE = 0.6  # bands covering more of the screen than this: one whole capture
 IPC_PRIVATE, IPC_CREAT, IPC_RMID = 0, 0o1000, 0
 
@@ -71,6 +72,9 @@ class ShmSegment:
         self.seg = conn.generate_id()
         try:
             shm.AttachChecked(self.seg, self.shmid, False).check()
+        except BaseException:
+            _libc.shmdt(ctypes.c_void_p(self.addr))
+            raise
         finally:
             # Marked for removal now: the kernel frees it once we and the X server detach,
             # even if this process dies.
@@ -171,10 +175,19 @@ class X11Source:
 
     # -- capture ---------------------------------------------------------------------------------
     def _allocate(self, width: int, height: int) -> None:
+        """Segments for a width x height screen; the old ones stay if these cannot be made."""
+        segments: list[ShmSegment] = []
+        try:
+            for _ in range(RING):
+                segments.append(ShmSegment(self.conn, self.shm, width * height * 4))
+        except BaseException:
+            for seg in segments:
+                seg.close(self.shm)
+            raise
         for seg in self.segments:
             seg.close(self.shm)
         self.width, self.height = width, height
-        self.segments = [ShmSegment(self.conn, self.shm, width * height * 4) for _ in range(RING)]
+        self.segments = segments
         self._stale: list[list | None] = [None] * RING  # per segment: damage since written; None: all
         self._next = 0
         self.rows_captured = 0  # rows read from the X server, for tests and benchmarks
@@ -239,15 +252,23 @@ class X11Source:
         loop = self.server.loop
         if loop is None:
             raise X11Error("the server is not serving: start it before the X11 source runs")
+        if self._driver is not None:
+            raise RuntimeError("the X11 source is already running")
         driver = CaptureDriver(self, loop, stop)
         self._driver = driver
         try:
             loop.call_soon_threadsafe(driver.start)
         except RuntimeError:  # the loop closed meanwhile
-            raise X11Error("the server stopped") from None
-        stop.wait()
-        driver.stop_and_wait()
-        self._driver = None
+            self._driver = None
+            raise X11Error("the server stopped serving") from None
+        try:
+            # A server that stops (or starts again, on a new loop) first ends this with an error.
+            while not stop.wait(SERVER_CHECK_S):
+                if loop.is_closed() or self.server.loop is not loop:
+                    raise X11Error("the server stopped serving")
+        finally:
+            driver.stop_and_wait()
+            self._driver = None
         if driver.lost is not None:
             raise X11Error(driver.lost)
 
@@ -283,7 +304,10 @@ class X11Source:
             return
         with self.lock:
             self._allocate(*size)
-        self.capture(None)
+        try:
+            self.capture(None)
+        except XcbError as exc:  # it changed again meanwhile: its next ScreenChangeNotify follows
+            log.info("capture at the new size %dx%d failed too (%s)", *size, exc)
 
     # -- cursor ------------------------------------------------------------------------------------
     def update_cursor(self) -> None:
@@ -346,6 +370,12 @@ class X11Source:
             driver.poke()
 
     def close(self) -> None:
+        driver = self._driver
+        if driver is not None and not driver.stop_and_wait():
+            # The loop did not let go of the connection: freeing it under the loop would be
+            # worse than leaving it to the process's exit.
+            log.warning("the X11 capture did not stop; its X connection is left open")
+            return
         server = self.server
         if server.on_clipboard == self.clipboard.offer:  # nothing reaches a closed bridge
             server.on_clipboard = None

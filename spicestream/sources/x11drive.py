@@ -23,6 +23,11 @@ from .xcb import DAMAGE_AREA, DAMAGE_AREA_AT, SCREEN_SIZE, SCREEN_SIZE_AT, XcbCo
 log = logging.getLogger("spicestream.x11")
 
 STOP_WAIT_S = 5.0
+# A capture whose replies the socket has not announced is looked at again after this: a
+# request made on the connection elsewhere may have read them into libxcb's queue.
+RECHECK_S = 0.1
+EVENTS_PER_SERVICE = 256  # then the loop's other work has a turn
+MAX_DAMAGE_RECTS = 64  # beyond this many, the damage is their bounding box
 
 
 class CapturePacer:
@@ -66,6 +71,8 @@ class CaptureDriver:
         self.resized: tuple[int, int] | None = None
         self.whole = True  # the first frame is captured whole
         self.timer = None  # the pacer's wait
+        self.recheck = None  # the look at a capture in flight (RECHECK_S)
+        self._budget = EVENTS_PER_SERVICE
         self.lost: str | None = None
         self.running = False
         self.loop_thread: int | None = None
@@ -80,22 +87,30 @@ class CaptureDriver:
         self.loop.add_reader(self.fd, self.service)
         self.service()
 
-    def stop_and_wait(self) -> None:
-        """Stop watching the X connection; returns once the loop has let go of it."""
+    def stop_and_wait(self) -> bool:
+        """Stop watching the X connection (from another thread than the loop's). True once
+        the loop has let go of it; False if it did not within STOP_WAIT_S."""
+        if self._stopped.is_set():
+            return True
         try:
             self.loop.call_soon_threadsafe(self._halt)
         except RuntimeError:  # the loop is closed: nothing of ours runs on it any more
-            return
-        if not self._stopped.wait(STOP_WAIT_S):
-            log.warning("the server's loop did not stop the X11 capture in %.0f s", STOP_WAIT_S)
+            return True
+        if self._stopped.wait(STOP_WAIT_S):
+            return True
+        if self.loop.is_closed():
+            return True
+        log.warning("the server's loop did not stop the X11 capture in %.0f s", STOP_WAIT_S)
+        return False
 
     def _halt(self) -> None:
         if self.running:
             self.running = False
             self.loop.remove_reader(self.fd)
-            if self.timer is not None:
-                self.timer.cancel()
-                self.timer = None
+            for timer in (self.timer, self.recheck):
+                if timer is not None:
+                    timer.cancel()
+            self.timer = self.recheck = None
         self._stopped.set()
 
     def poke(self) -> None:
@@ -117,9 +132,14 @@ class CaptureDriver:
         before the X server or the pacer answers."""
         if not self.running:
             return
+        self._budget = EVENTS_PER_SERVICE
         try:
             while self._read_events() or self._advance():
                 pass
+            if self._budget <= 0:  # a flood of events: the rest after the loop's other work
+                self.loop.call_soon(self.service)
+            elif self.source.capturing and self.recheck is None:
+                self.recheck = self.loop.call_later(RECHECK_S, self._rechecked)
         except (XcbConnectionLost, self.source.xcffib.ConnectionException) as exc:
             self._give_up(f"the X server has exited ({exc})")
         except Exception as exc:  # a bug of ours: said once, not at every event that follows
@@ -135,14 +155,19 @@ class CaptureDriver:
         self.timer = None
         self.service()
 
+    def _rechecked(self) -> None:
+        self.recheck = None
+        self.service()
+
     def _read_events(self) -> bool:
         """Take the queued X events (reading the socket); True if there were any."""
         source = self.source
         poll = source.xcb.poll_event
         damage_event, screen_event, cursor_event = source.event_codes
         seen = cursor = False
-        while (event := poll()) is not None:
+        while self._budget > 0 and (event := poll()) is not None:
             seen = True
+            self._budget -= 1
             kind = event[0] & 0x7F  # bit 7: sent by SendEvent, the same event to us
             if kind == damage_event:
                 self.damage.append(DAMAGE_AREA.unpack_from(event, DAMAGE_AREA_AT))
@@ -152,6 +177,10 @@ class CaptureDriver:
                 cursor = True
             elif kind == 0:  # an error for a request nobody waits on (input, cursor)
                 log.debug("X error %d for a request of ours", event[1])
+        if len(self.damage) > MAX_DAMAGE_RECTS:
+            x0, y0 = min(r[0] for r in self.damage), min(r[1] for r in self.damage)
+            x1, y1 = max(r[0] + r[2] for r in self.damage), max(r[1] + r[3] for r in self.damage)
+            self.damage = [(x0, y0, x1 - x0, y1 - y0)]
         if cursor:
             source.update_cursor()
         return seen
@@ -164,6 +193,9 @@ class CaptureDriver:
             if source.capturing:
                 if not source.finish_capture():
                     return False  # its replies are still to come: the socket will say
+                if self.recheck is not None:
+                    self.recheck.cancel()
+                    self.recheck = None
                 source.pages_hint.check(time.monotonic(), source.frames_captured)
                 return True
             if not (self.damage or self.resized or self.whole) or self.timer is not None:
