@@ -18,8 +18,8 @@ PACKAGES=(
   libopus0 pulseaudio pulseaudio-utils gstreamer1.0-pulseaudio
   # RGB to I420 for the software video encoders (libyuv through ctypes: video/yuv.py)
   libyuv0
-  # the X11 capture loop's events and MIT-SHM reads, on libxcb directly (sources/xcb.py)
-  libxcb1 libxcb-shm0
+  # the X11 capture's events, MIT-SHM reads and cursor images, on libxcb directly (sources/xcb.py)
+  libxcb1 libxcb-shm0 libxcb-xfixes0
   # the reference server, for side-by-side figures (bench/glass_x11.py)
   xserver-xspice
   # systemd-analyze, to check contrib/spicestream@.service

@@ -406,6 +406,31 @@ def test_a_capture_waiting_on_a_stopped_x_server_leaves_the_server_free(served):
     assert published_on and set(published_on) == {"spicestream"}, published_on  # the server's thread
 
 
+def test_a_cursor_change_on_a_stopped_x_server_leaves_the_server_free(served):
+    """The cursor's image is asked for and collected like a capture: with the X server
+    stopped, the loop still answers; the image is shown once the X server replies."""
+    source, server = served.source, served.server
+    _wait_until(lambda: source.frames_captured >= 1, "the first frame")
+    shown = []
+    show = source.show_cursor
+    source.show_cursor = lambda *image: (shown.append(image[:4]), show(*image))
+    pid = served.x.xvfb.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        def cursor_changed():  # as a CursorNotify does
+            source._driver.cursor_wanted = True
+            source._driver.service()
+
+        server.loop.call_soon_threadsafe(cursor_changed)
+        server.stats()  # runs on the loop: it would time out (5 s) if the loop waited on the X server
+        assert shown == [] and source._driver.cursor_request is not None
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    _wait_until(lambda: shown, "the cursor image")
+    width, height, xhot, yhot = shown[0]
+    assert 0 < width <= 64 and 0 < height <= 64 and 0 <= xhot < width and 0 <= yhot < height
+
+
 def test_a_capture_reply_read_by_another_thread_is_still_collected(served):
     """A request made on the connection by another thread can read the capture's reply into
     libxcb's queue, where the socket no longer announces it: the driver looks again

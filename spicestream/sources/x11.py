@@ -311,22 +311,27 @@ class X11Source:
 
     # -- cursor ------------------------------------------------------------------------------------
     def update_cursor(self) -> None:
+        """Fetch the cursor's image and show it, waiting for the X server (at start; the
+        capture driver asks without waiting)."""
         try:
             with self.lock:
                 image = self.xfixes.GetCursorImage().reply()
         except self.xcffib.Error as exc:  # e.g. BadAccess for a cursor whose owner is gone
             log.debug("cursor image unavailable: %s", type(exc).__name__)
             return
-        w, h = image.width, image.height
+        argb = np.array(image.cursor_image, dtype=np.uint32).tobytes()
+        self.show_cursor(image.width, image.height, image.xhot, image.yhot, argb)
+
+    def show_cursor(self, w: int, h: int, xhot: int, yhot: int, argb: bytes) -> None:
+        """Send XFIXES' cursor image (w x h premultiplied ARGB, native order) to the clients."""
         if not w or not h:
             return
-        argb = np.array(image.cursor_image, dtype=np.uint32).reshape(h, w)
-        pixels = argb.view(np.uint8).reshape(h, w, 4).astype(np.uint16)  # B, G, R, A (premultiplied)
+        pixels = np.frombuffer(argb, np.uint8).reshape(h, w, 4).astype(np.uint16)  # B, G, R, A (premultiplied)
         alpha = pixels[..., 3:4]
         # XFIXES gives premultiplied alpha; SPICE ALPHA cursors are straight.
         straight = np.where(alpha > 0, np.minimum(255, pixels[..., :3] * 255 // np.maximum(alpha, 1)), 0)
         out = np.concatenate([straight, alpha], axis=2).astype(np.uint8)
-        self.server.set_cursor(out, image.xhot, image.yhot)
+        self.server.set_cursor(out, xhot, yhot)
 
     # -- input -------------------------------------------------------------------------------------
     def _keycode_range(self) -> range:

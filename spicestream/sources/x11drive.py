@@ -8,8 +8,10 @@ wake-up and a GIL hand-off on each side: that thread and the server's took 1.71 
 frame, the server's alone 1.47 and 1.33 here (bench/glass_x11.py, MJPEG, 2 alternated pairs;
 the README has the figures).
 
-Nothing here waits on the X server, except a cursor change (GetCursorImage) and the rare
-capture that failed because the screen changed size under it.
+Nothing here waits on the X server (a cursor change's GetCursorImage is collected the same
+way), except when the screen changes size: new shared-memory segments are attached with a
+round trip each, and a capture that failed because the size changed under it looks the size
+up.
 """
 
 from __future__ import annotations
@@ -72,6 +74,8 @@ class CaptureDriver:
         self.whole = True  # the first frame is captured whole
         self.timer = None  # the pacer's wait
         self.recheck = None  # the look at a capture in flight (RECHECK_S)
+        self.cursor_wanted = False  # the cursor changed: fetch its image
+        self.cursor_request: int | None = None  # the GetCursorImage in flight
         self._budget = EVENTS_PER_SERVICE
         self.lost: str | None = None
         self.running = False
@@ -138,7 +142,7 @@ class CaptureDriver:
                 pass
             if self._budget <= 0:  # a flood of events: the rest after the loop's other work
                 self.loop.call_soon(self.service)
-            elif self.source.capturing and self.recheck is None:
+            elif (self.source.capturing or self.cursor_request is not None) and self.recheck is None:
                 self.recheck = self.loop.call_later(RECHECK_S, self._rechecked)
         except (XcbConnectionLost, self.source.xcffib.ConnectionException) as exc:
             self._give_up(f"the X server has exited ({exc})")
@@ -182,13 +186,25 @@ class CaptureDriver:
             x1, y1 = max(r[0] + r[2] for r in self.damage), max(r[1] + r[3] for r in self.damage)
             self.damage = [(x0, y0, x1 - x0, y1 - y0)]
         if cursor:
-            source.update_cursor()
+            self.cursor_wanted = True
         return seen
 
     def _advance(self) -> bool:
         """Finish the capture in flight, or start the next; True if either happened."""
         source = self.source
         xcffib = source.xcffib
+        if self.cursor_request is not None:
+            done, image = source.xcb.poll_cursor_image(self.cursor_request)
+            if done:
+                self.cursor_request = None
+                if image is not None:
+                    source.show_cursor(*image)
+                return True
+        elif self.cursor_wanted:
+            self.cursor_wanted = False
+            with source.lock:
+                self.cursor_request = source.xcb.request_cursor_image()
+            return True
         try:
             if source.capturing:
                 if not source.finish_capture():

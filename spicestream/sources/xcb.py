@@ -19,6 +19,11 @@ client's own, so native):
       1 once the reply or the error is in (each malloc'd, the other NULL), 0 while it is not;
       reads the socket if nothing is queued, like xcb_poll_for_event
   xcb_flush(c) -> int (<= 0: the connection broke)
+  xcb_xfixes_get_cursor_image(c) -> cookie; its reply: response_type, pad, sequence (uint16),
+      length (uint32), x, y (int16), width, height, xhot, yhot (uint16), cursor_serial
+      (uint32), 8 bytes of pad: 32 bytes, then width x height uint32 ARGB (premultiplied)
+  xcb_get_extension_data(c, &xcb_xfixes_id): the extension's opcode, queried (a round trip)
+      the first time and cached by libxcb; asked once at start so no request waits for it
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import struct
 
 EVENT_SIZE = 32
 DAMAGE_AREA, DAMAGE_AREA_AT = struct.Struct("=hhHH"), 16  # in a DamageNotify
+CURSOR_IMAGE = struct.Struct("=8xhhHHHH12x")  # x, y, width, height, xhot, yhot; 32 bytes
 SCREEN_SIZE, SCREEN_SIZE_AT = struct.Struct("=HH"), 24  # in a RandR ScreenChangeNotify
 Z_PIXMAP = 2
 
@@ -51,6 +57,11 @@ class _Cookie(ctypes.Structure):
 def _load():
     xcb = ctypes.CDLL("libxcb.so.1")
     shm = ctypes.CDLL("libxcb-shm.so.0")
+    xfixes = ctypes.CDLL("libxcb-xfixes.so.0")
+    xfixes.xcb_xfixes_get_cursor_image.argtypes = [ctypes.c_void_p]
+    xfixes.xcb_xfixes_get_cursor_image.restype = _Cookie
+    xcb.xcb_get_extension_data.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    xcb.xcb_get_extension_data.restype = ctypes.c_void_p
     libc = ctypes.CDLL(None)
     conn = ctypes.c_void_p
     xcb.xcb_poll_for_event.argtypes = [conn]
@@ -70,7 +81,7 @@ def _load():
     shm.xcb_shm_get_image.restype = _Cookie
     libc.free.argtypes = [ctypes.c_void_p]
     libc.free.restype = None
-    return xcb, shm, libc
+    return xcb, shm, libc, xfixes
 
 
 class RawXcb:
@@ -85,8 +96,10 @@ class RawXcb:
 
         if RawXcb._libs is None:
             RawXcb._libs = _load()
-        xcb, shm, libc = RawXcb._libs
+        xcb, shm, libc, xfixes = RawXcb._libs
         self._c = ctypes.c_void_p(int(xcffib.ffi.cast("uintptr_t", xcffib_conn._conn)))
+        xcb.xcb_get_extension_data(self._c, ctypes.byref(ctypes.c_char.in_dll(xfixes, "xcb_xfixes_id")))
+        self._get_cursor_image = xfixes.xcb_xfixes_get_cursor_image
         self._poll, self._has_error = xcb.xcb_poll_for_event, xcb.xcb_connection_has_error
         self._get_image = shm.xcb_shm_get_image
         self._poll_reply, self._wait_reply, self._flush = (xcb.xcb_poll_for_reply, xcb.xcb_wait_for_reply,
@@ -149,6 +162,41 @@ class RawXcb:
                 self._free(error.value)
                 error.value = None
         return True
+
+    def request_cursor_image(self) -> int:
+        """Ask for the cursor's image (XFIXES GetCursorImage), flushed; its sequence number."""
+        c = self._c
+        if c is None:
+            raise XcbConnectionLost("closed")
+        sequence = self._get_cursor_image(c).sequence
+        if self._flush(c) <= 0:
+            raise XcbConnectionLost(f"libxcb connection error {self._has_error(c)}")
+        return sequence
+
+    def poll_cursor_image(self, sequence: int) -> tuple[bool, tuple | None]:
+        """(True, (width, height, xhot, yhot, ARGB bytes)) once the reply is in, (True, None)
+        if the X server refused (e.g. BadAccess for a cursor whose owner is gone), (False,
+        None) while it is not in."""
+        c, reply, error = self._c, self._reply, self._error
+        if c is None:
+            raise XcbConnectionLost("closed")
+        if not self._poll_reply(c, sequence, ctypes.byref(reply), ctypes.byref(error)):
+            if self._has_error(c):
+                raise XcbConnectionLost(f"libxcb connection error {self._has_error(c)}")
+            return False, None
+        if error.value:
+            self._free(error.value)
+            error.value = None
+            return True, None
+        if not reply.value:
+            raise XcbConnectionLost(f"libxcb connection error {self._has_error(c)}")
+        try:
+            _x, _y, width, height, xhot, yhot = CURSOR_IMAGE.unpack(self._string_at(reply.value, CURSOR_IMAGE.size))
+            argb = self._string_at(reply.value + CURSOR_IMAGE.size, width * height * 4)
+        finally:
+            self._free(reply.value)
+            reply.value = None
+        return True, (width, height, xhot, yhot, argb)
 
     def wait_replies(self, sequences: list[int], errors: list[int]) -> None:
         """poll_replies, waiting for each reply (the list is left empty)."""
