@@ -456,6 +456,34 @@ def test_a_capture_reply_read_by_another_thread_is_still_collected(served):
     _wait_until(lambda: source.frames_captured > frames, "the frame whose reply the other thread read")
 
 
+def test_a_capture_racing_a_resize_on_the_loop_follows_the_randr_event(served, caplog):
+    """On the loop, a capture of the old size that the X server refuses (BadMatch: the screen
+    shrank first) is followed by the ScreenChangeNotify sent before the error, not by asking
+    the X server for the size: the next capture is whole, at the new size, and the export
+    goes on."""
+    import logging
+
+    from spicestream.sources.x11randr import X11Resizer
+
+    source, server = served.source, served.server
+    _wait_until(lambda: source.frames_captured >= 1 and not source.capturing, "the first frame")
+    resizer = X11Resizer(served.x.display)
+    try:
+        def resize_then_capture_the_old_size():
+            assert resizer.resize(W - 100, H - 80)  # done (a round trip) before our request
+            source.begin_capture(None)
+            source._driver.service()
+
+        with caplog.at_level(logging.INFO, logger="spicestream.x11"):
+            server.loop.call_soon_threadsafe(resize_then_capture_the_old_size)
+            _wait_until(lambda: (server.display.width, server.display.height) == (W - 100, H - 80)
+                        and source.frames_captured >= 2 and not source.capturing, "a capture at the new size")
+        assert any("following the screen's next change" in r.getMessage() for r in caplog.records)
+        assert source._driver.running and not served.export.stop.is_set()
+    finally:
+        resizer.close()
+
+
 def test_the_capture_ends_with_x11error_when_the_x_server_exits(tmp_path):
     x = xclient.XSession(W, H, log_dir=tmp_path / "served").start()
     server = spicestream.Server(port=0, width=64, height=64, streaming_video="off").start()

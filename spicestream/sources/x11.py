@@ -63,7 +63,9 @@ _libc.shmdt.argtypes = [ctypes.c_void_p]
 class ShmSegment:
     """A SysV segment attached here and in the X server; freed when both let go."""
 
-    def __init__(self, conn, shm, size: int):
+    def __init__(self, conn, shm, size: int, checked: bool = True):
+        """`checked`: wait for the X server's answer to the attach (an error raises here);
+        unchecked, an error comes as an event, and the first capture into it fails."""
         self.size = size
         self.shmid = _libc.shmget(IPC_PRIVATE, size, IPC_CREAT | 0o600)
         if self.shmid < 0:
@@ -71,7 +73,10 @@ class ShmSegment:
         self.addr = _libc.shmat(self.shmid, None, 0)
         self.seg = conn.generate_id()
         try:
-            shm.AttachChecked(self.seg, self.shmid, False).check()
+            if checked:
+                shm.AttachChecked(self.seg, self.shmid, False).check()
+            else:
+                shm.Attach(self.seg, self.shmid, False)
         except BaseException:
             _libc.shmdt(ctypes.c_void_p(self.addr))
             raise
@@ -174,12 +179,13 @@ class X11Source:
         self.update_cursor()
 
     # -- capture ---------------------------------------------------------------------------------
-    def _allocate(self, width: int, height: int) -> None:
-        """Segments for a width x height screen; the old ones stay if these cannot be made."""
+    def _allocate(self, width: int, height: int, wait: bool = True) -> None:
+        """Segments for a width x height screen; the old ones stay if these cannot be made.
+        Without `wait`, their attach requests are not waited for (ShmSegment's `checked`)."""
         segments: list[ShmSegment] = []
         try:
             for _ in range(RING):
-                segments.append(ShmSegment(self.conn, self.shm, width * height * 4))
+                segments.append(ShmSegment(self.conn, self.shm, width * height * 4, checked=wait))
         except BaseException:
             for seg in segments:
                 seg.close(self.shm)
@@ -272,12 +278,13 @@ class X11Source:
         if driver.lost is not None:
             raise X11Error(driver.lost)
 
-    def begin_changes(self, damage: list, resized: tuple[int, int] | None) -> None:
+    def begin_changes(self, damage: list, resized: tuple[int, int] | None, wait: bool = True) -> None:
         """begin_capture for what the events since the last capture said changed: a new
-        screen size is captured whole."""
+        screen size is captured whole (without `wait`, its new segments are attached without
+        waiting for the X server)."""
         if resized and resized != (self.width, self.height):
             with self.lock:
-                self._allocate(*resized)
+                self._allocate(*resized, wait=wait)
             self.begin_capture(None)
         elif damage:
             self.begin_capture(damage)

@@ -8,10 +8,10 @@ wake-up and a GIL hand-off on each side: that thread and the server's took 1.71 
 frame, the server's alone 1.47 and 1.33 here (bench/glass_x11.py, MJPEG, 2 alternated pairs;
 the README has the figures).
 
-Nothing here waits on the X server (a cursor change's GetCursorImage is collected the same
-way), except when the screen changes size: new shared-memory segments are attached with a
-round trip each, and a capture that failed because the size changed under it looks the size
-up.
+Nothing here waits on the X server: a cursor change's GetCursorImage is collected the same
+way, a new screen size's shared-memory segments are attached without waiting for the answer,
+and a capture that failed because the size changed under it is followed by the RandR event
+that says so, not by asking for the size.
 """
 
 from __future__ import annotations
@@ -227,10 +227,17 @@ class CaptureDriver:
             if whole and not (resized and resized != (source.width, source.height)):
                 source.begin_capture(None)
             else:  # a new size is captured whole
-                source.begin_changes(damage, resized)
+                source.begin_changes(damage, resized, wait=False)
             return True
         except (xcffib.ConnectionException, XcbConnectionLost):
             raise
-        except (xcffib.XcffibException, XcbError) as exc:
+        except XcbError as exc:
+            # The screen changed size between the damage and the capture (BadMatch). Its
+            # RandR ScreenChangeNotify was sent before this error: the next events read bring
+            # the new size, captured whole. Asking for the size here would wait on the X server.
+            log.info("capture at %dx%d failed (%s): following the screen's next change",
+                     source.width, source.height, exc)
+            return True
+        except xcffib.XcffibException as exc:
             source.follow_screen(exc)
             return True
