@@ -373,19 +373,13 @@ def test_the_capture_loop_outlives_an_x_error_and_follows_a_screen_change(served
         assert (source.width, source.height) == (W - 100, H - 80)
 
 
-def _wait_until(condition, what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
-
-
 def test_a_capture_waiting_on_a_stopped_x_server_leaves_the_server_free(served):
     """Capture runs on the server's loop (sources/x11drive.py) and never waits there for the X
     server: with the X server stopped, a capture's requests are out and the loop still answers;
     the frame is published, on the server's thread, once the X server replies."""
     source, server = served.source, served.server
-    _wait_until(lambda: source.frames_captured >= 1 and not source.capturing, "the first frame")
+    xclient.wait_until(lambda: source.frames_captured >= 1 and not source.capturing, 20, 0.01,
+                       "the first frame")
     published_on = []
     update = server.display.update
 
@@ -402,7 +396,8 @@ def test_a_capture_waiting_on_a_stopped_x_server_leaves_the_server_free(served):
         assert source.capturing and source.frames_captured == frames
     finally:
         os.kill(served.x.xvfb.pid, signal.SIGCONT)
-    _wait_until(lambda: source.frames_captured > frames, "the frame after the X server went on")
+    xclient.wait_until(lambda: source.frames_captured > frames, 20, 0.01,
+                       "the frame after the X server went on")
     assert published_on and set(published_on) == {"spicestream"}, published_on  # the server's thread
 
 
@@ -410,7 +405,7 @@ def test_a_cursor_change_on_a_stopped_x_server_leaves_the_server_free(served):
     """The cursor's image is asked for and collected like a capture: with the X server
     stopped, the loop still answers; the image is shown once the X server replies."""
     source, server = served.source, served.server
-    _wait_until(lambda: source.frames_captured >= 1, "the first frame")
+    xclient.wait_until(lambda: source.frames_captured >= 1, 20, 0.01, "the first frame")
     shown = []
     show = source.show_cursor
     source.show_cursor = lambda *image: (shown.append(image[:4]), show(*image))
@@ -426,7 +421,7 @@ def test_a_cursor_change_on_a_stopped_x_server_leaves_the_server_free(served):
         assert shown == [] and source._driver.cursor_request is not None
     finally:
         os.kill(pid, signal.SIGCONT)
-    _wait_until(lambda: shown, "the cursor image")
+    xclient.wait_until(lambda: shown, 20, 0.01, "the cursor image")
     width, height, xhot, yhot = shown[0]
     assert 0 < width <= 64 and 0 < height <= 64 and 0 <= xhot < width and 0 <= yhot < height
 
@@ -436,7 +431,8 @@ def test_a_capture_reply_read_by_another_thread_is_still_collected(served):
     libxcb's queue, where the socket no longer announces it: the driver looks again
     (RECHECK_S) rather than wait for unrelated X traffic (none comes on a desktop at rest)."""
     source, server = served.source, served.server
-    _wait_until(lambda: source.frames_captured >= 1 and not source.capturing, "the first frame")
+    xclient.wait_until(lambda: source.frames_captured >= 1 and not source.capturing, 20, 0.01,
+                       "the first frame")
     frames = source.frames_captured
     pid = served.x.xvfb.pid
     os.kill(pid, signal.SIGSTOP)
@@ -446,14 +442,15 @@ def test_a_capture_reply_read_by_another_thread_is_still_collected(served):
             source._driver.service()  # finds the replies not in yet: looks again later
 
         server.loop.call_soon_threadsafe(capture_as_the_driver_does)
-        _wait_until(lambda: source.capturing, "the capture's requests")
+        xclient.wait_until(lambda: source.capturing, 20, 0.01, "the capture's requests")
         other = threading.Thread(target=lambda: source.conn.core.GetInputFocus().reply())
         other.start()
         time.sleep(0.2)  # let it wait on the socket first (if it does not, the loop reads the reply)
     finally:
         os.kill(pid, signal.SIGCONT)
     other.join(10)
-    _wait_until(lambda: source.frames_captured > frames, "the frame whose reply the other thread read")
+    xclient.wait_until(lambda: source.frames_captured > frames, 20, 0.01,
+                       "the frame whose reply the other thread read")
 
 
 def test_a_capture_racing_a_resize_on_the_loop_follows_the_randr_event(served, caplog):
@@ -466,7 +463,8 @@ def test_a_capture_racing_a_resize_on_the_loop_follows_the_randr_event(served, c
     from spicestream.sources.x11randr import X11Resizer
 
     source, server = served.source, served.server
-    _wait_until(lambda: source.frames_captured >= 1 and not source.capturing, "the first frame")
+    xclient.wait_until(lambda: source.frames_captured >= 1 and not source.capturing, 20, 0.01,
+                       "the first frame")
     resizer = X11Resizer(served.x.display)
     try:
         def resize_then_capture_the_old_size():
@@ -476,8 +474,9 @@ def test_a_capture_racing_a_resize_on_the_loop_follows_the_randr_event(served, c
 
         with caplog.at_level(logging.INFO, logger="spicestream.x11"):
             server.loop.call_soon_threadsafe(resize_then_capture_the_old_size)
-            _wait_until(lambda: (server.display.width, server.display.height) == (W - 100, H - 80)
-                        and source.frames_captured >= 2 and not source.capturing, "a capture at the new size")
+            xclient.wait_until(lambda: (server.display.width, server.display.height) == (W - 100, H - 80)
+                               and source.frames_captured >= 2 and not source.capturing,
+                               20, 0.01, "a capture at the new size")
         assert any("following the screen's next change" in r.getMessage() for r in caplog.records)
         assert source._driver.running and not served.export.stop.is_set()
     finally:
@@ -499,7 +498,7 @@ def test_the_capture_ends_with_x11error_when_the_x_server_exits(tmp_path):
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     try:
-        _wait_until(lambda: source.frames_captured >= 1, "the first frame")
+        xclient.wait_until(lambda: source.frames_captured >= 1, 20, 0.01, "the first frame")
         x.close()
         thread.join(20)
         assert not thread.is_alive() and stop.is_set()

@@ -303,7 +303,6 @@ class X11Source:
         """A capture failed (`error`): the screen changed size between its damage and its
         ScreenChangeNotify, so a capture of the old size does not fit (BadMatch). Take the
         size it has now, whole."""
-        self._in_flight = None
         geometry = self.conn.core.GetGeometry(self.root).reply()
         size = (geometry.width, geometry.height)
         if size == (self.width, self.height):

@@ -238,6 +238,6 @@ class CaptureDriver:
             log.info("capture at %dx%d failed (%s): following the screen's next change",
                      source.width, source.height, exc)
             return True
-        except xcffib.XcffibException as exc:
-            source.follow_screen(exc)
+        except xcffib.XcffibException as exc:  # not expected here (segments attach unchecked)
+            source.follow_screen(exc)  # the one path that asks the X server and waits
             return True

@@ -112,15 +112,46 @@ class RawXcb:
         """Before the xcffib connection is disconnected: no call reaches a freed connection."""
         self._c = None
 
+    def _conn(self):
+        c = self._c
+        if c is None:
+            raise XcbConnectionLost("closed")
+        return c
+
+    def _lost(self, c) -> XcbConnectionLost:
+        return XcbConnectionLost(f"libxcb connection error {self._has_error(c)}")
+
+    def _flushed(self, c) -> None:
+        if self._flush(c) <= 0:
+            raise self._lost(c)
+
+    def _take_error(self) -> int:
+        """The code of the X error xcb left in `_error` (freed)."""
+        code = self._string_at(self._error.value, 2)[1]
+        self._free(self._error.value)
+        self._error.value = None
+        return code
+
+    def _poll_one(self, c, sequence: int) -> bool:
+        """xcb_poll_for_reply into `_reply` and `_error` (the caller frees them); True once
+        the reply or the error is in. XcbConnectionLost if the connection broke."""
+        reply, error = self._reply, self._error
+        if not self._poll_reply(c, sequence, ctypes.byref(reply), ctypes.byref(error)):
+            if self._has_error(c):
+                raise self._lost(c)
+            return False
+        if not reply.value and not error.value and self._has_error(c):  # "in": the connection broke
+            raise self._lost(c)
+        return True
+
     def poll_event(self) -> bytes | None:
         """The next queued event or error (32 bytes), None if none; XcbConnectionLost if the
         connection broke or was closed."""
-        if self._c is None:
-            raise XcbConnectionLost("closed")
-        event = self._poll(self._c)
+        c = self._conn()
+        event = self._poll(c)
         if not event:
-            if self._has_error(self._c):
-                raise XcbConnectionLost(f"libxcb connection error {self._has_error(self._c)}")
+            if self._has_error(c):
+                raise self._lost(c)
             return None
         try:
             return self._string_at(event, EVENT_SIZE)
@@ -131,65 +162,46 @@ class RawXcb:
         """Ask for the full-width row bands [top, bottom) of `drawable` in the MIT-SHM segment
         `seg`, at the same rows; the requests are flushed, not waited for. Returns their
         sequence numbers, for poll_replies."""
-        c = self._c
-        if c is None:
-            raise XcbConnectionLost("closed")
+        c = self._conn()
         sequences = [self._get_image(c, drawable, 0, top, width, bottom - top, 0xFFFFFFFF, Z_PIXMAP,
                                      seg, top * stride).sequence for top, bottom in bands]
-        if self._flush(c) <= 0:
-            raise XcbConnectionLost(f"libxcb connection error {self._has_error(c)}")
+        self._flushed(c)
         return sequences
 
     def poll_replies(self, sequences: list[int], errors: list[int]) -> bool:
         """Take the replies of `sequences` that are in (removed from the list, in order; the
         code of each X error appended to `errors`). True once none is left."""
-        c, reply, error = self._c, self._reply, self._error
-        if c is None:
-            raise XcbConnectionLost("closed")
+        c, reply = self._conn(), self._reply
         while sequences:
-            if not self._poll_reply(c, sequences[0], ctypes.byref(reply), ctypes.byref(error)):
-                if self._has_error(c):
-                    raise XcbConnectionLost(f"libxcb connection error {self._has_error(c)}")
+            if not self._poll_one(c, sequences[0]):
                 return False
             del sequences[0]
             if reply.value:
                 self._free(reply.value)
                 reply.value = None
-            elif not error.value and self._has_error(c):  # "in" because the connection broke
-                raise XcbConnectionLost(f"libxcb connection error {self._has_error(c)}")
-            if error.value:
-                errors.append(self._string_at(error.value, 2)[1])
-                self._free(error.value)
-                error.value = None
+            if self._error.value:
+                errors.append(self._take_error())
         return True
 
     def request_cursor_image(self) -> int:
         """Ask for the cursor's image (XFIXES GetCursorImage), flushed; its sequence number."""
-        c = self._c
-        if c is None:
-            raise XcbConnectionLost("closed")
+        c = self._conn()
         sequence = self._get_cursor_image(c).sequence
-        if self._flush(c) <= 0:
-            raise XcbConnectionLost(f"libxcb connection error {self._has_error(c)}")
+        self._flushed(c)
         return sequence
 
     def poll_cursor_image(self, sequence: int) -> tuple[bool, tuple | None]:
         """(True, (width, height, xhot, yhot, ARGB bytes)) once the reply is in, (True, None)
         if the X server refused (e.g. BadAccess for a cursor whose owner is gone), (False,
         None) while it is not in."""
-        c, reply, error = self._c, self._reply, self._error
-        if c is None:
-            raise XcbConnectionLost("closed")
-        if not self._poll_reply(c, sequence, ctypes.byref(reply), ctypes.byref(error)):
-            if self._has_error(c):
-                raise XcbConnectionLost(f"libxcb connection error {self._has_error(c)}")
+        c, reply = self._conn(), self._reply
+        if not self._poll_one(c, sequence):
             return False, None
-        if error.value:
-            self._free(error.value)
-            error.value = None
+        if self._error.value:
+            self._take_error()
             return True, None
         if not reply.value:
-            raise XcbConnectionLost(f"libxcb connection error {self._has_error(c)}")
+            raise self._lost(c)
         try:
             _x, _y, width, height, xhot, yhot = CURSOR_IMAGE.unpack(self._string_at(reply.value, CURSOR_IMAGE.size))
             argb = self._string_at(reply.value + CURSOR_IMAGE.size, width * height * 4)
@@ -200,16 +212,12 @@ class RawXcb:
 
     def wait_replies(self, sequences: list[int], errors: list[int]) -> None:
         """poll_replies, waiting for each reply (the list is left empty)."""
-        c, error = self._c, self._error
-        if c is None:
-            raise XcbConnectionLost("closed")
+        c = self._conn()
         while sequences:
-            reply = self._wait_reply(c, sequences.pop(0), ctypes.byref(error))
+            reply = self._wait_reply(c, sequences.pop(0), ctypes.byref(self._error))
             if reply:
                 self._free(reply)
-            if error.value:
-                errors.append(self._string_at(error.value, 2)[1])
-                self._free(error.value)
-                error.value = None
+            if self._error.value:
+                errors.append(self._take_error())
             elif not reply and self._has_error(c):  # NULL without an error: the connection broke
-                raise XcbConnectionLost(f"libxcb connection error {self._has_error(c)}")
+                raise self._lost(c)
