@@ -169,3 +169,31 @@ def test_clients_sharing_a_ticket_share_the_display_and_leave_independently():
         b.close()
     finally:
         srv.stop()
+
+
+def test_clients_sharing_an_inline_mjpeg_encoder_all_get_its_frames(monkeypatch):
+    """The built-in MJPEG encodes small frames on the server's loop: the client whose offer
+    made the frame sends it when the offer is done, the others on the loop's next turn."""
+    from spicestream.video import mjpeg
+
+    if mjpeg.simplejpeg is None:
+        pytest.skip("simplejpeg is not installed")
+    monkeypatch.setattr(mjpeg, "INLINE_MAX_S", 10.0)  # inline whatever this machine's load
+    srv = spicestream.Server(port=0, width=W, height=H, video_codecs="spice:mjpeg",
+                             streaming_video="all").start()
+    try:
+        with Player(srv.display):
+            clients = [TestClient("127.0.0.1", srv.port, display_caps=CAPS, decode_streams=False).connect()
+                       for _ in range(3)]
+            try:
+                for c in clients:
+                    c.wait_for(lambda c: len(c.stream_log) > 30, timeout=20, what="stream frames")
+                assert len(hubs(srv)) == 1 and len(hubs(srv)[0].subscribers) == 3
+                streams = [c["streams"]["active"] for c in srv.stats()["clients"]]
+                assert all(s["shared_by"] == 3 for s in streams), streams
+                assert streams[0]["inline_frames"] > 20, streams[0]
+            finally:
+                for c in clients:
+                    c.close()
+    finally:
+        srv.stop()

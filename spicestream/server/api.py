@@ -177,6 +177,7 @@ class Server:
         self._ready = threading.Event()
         self._start_error: BaseException | None = None
         self._wake_pending = False
+        self._wakes_held = False  # hold_wakes(): a source on the loop pumps when it is done
         self._cursor_serial = 1
 
     # Application callbacks live on the core, which is what the channels call.
@@ -458,12 +459,25 @@ class Server:
             return
         self._wake_pending = True
         if threading.current_thread() is self._loop_thread:  # a source on the loop: no self-pipe
-            loop.call_soon(self._pump)
-            return
+            if not self._wakes_held:
+                loop.call_soon(self._pump)
+            return  # else release_wakes() pumps
         try:
             loop.call_soon_threadsafe(self._pump)
         except RuntimeError:  # loop closed while stopping
             self._wake_pending = False
+
+    def hold_wakes(self) -> None:
+        """On the loop: a source about to publish from there (the X11 capture) has the pump
+        run by release_wakes() when it is done, instead of on the loop's next turn; a turn
+        of the loop costs more than a frame's damage handling."""
+        self._wakes_held = True
+
+    def release_wakes(self) -> None:
+        """On the loop, after hold_wakes(): pump now what was published meanwhile."""
+        self._wakes_held = False
+        if self._wake_pending and self._loop is not None:
+            self._pump()
 
     def _pump(self) -> None:
         self._wake_pending = False

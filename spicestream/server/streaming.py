@@ -16,6 +16,7 @@ import asyncio
 import collections
 import logging
 import secrets
+import threading
 from dataclasses import dataclass, field
 
 from ..display.streams import StreamRegion
@@ -87,6 +88,8 @@ class StreamSender:
         self.history: list[dict] = []  # ended streams' stats, newest last
         self.switches = SwitchPacer()  # codec switches asked for by the client
         self.playout = Playout()  # stamps: what this client's reports taught holds across streams
+        self._offering = False  # in _offer: an encoder working inline hands its frame over...
+        self._encoded_inline: list = []  # ...here, sent when the offer is complete
 
     # -- lifecycle -------------------------------------------------------------------------
     def sync(self) -> None:
@@ -154,8 +157,19 @@ class StreamSender:
     def _create_encoder(self, entry: CodecEntry, region: StreamRegion, bit_rate: int, fps: int,
                         pixel_format: str = "BGRx", shared: bool = True) -> Subscription:
         """Join the encoder other clients use for this region and codec, or start one."""
-        def on_frame(frame: EncodedFrame) -> None:  # encoder thread
-            self._loop.call_soon_threadsafe(self._send_frame, sub, frame)
+        loop_thread = threading.get_ident()  # this runs on the server's loop
+
+        def on_frame(frame: EncodedFrame) -> None:
+            # From the encoder's thread, or from this loop's for an encoder that works inline
+            # (the built-in MJPEG's small frames). Inline, a frame of our own offer is sent
+            # once that offer is complete (feed); another client's, on the loop's next turn.
+            # Either way the self-pipe is not written.
+            if threading.get_ident() != loop_thread:
+                self._loop.call_soon_threadsafe(self._send_frame, sub, frame)
+            elif self._offering:
+                self._encoded_inline.append((sub, frame))
+            else:
+                self._loop.call_soon(self._send_frame, sub, frame)
 
         def on_error(message: str) -> None:  # any thread
             self._loop.call_soon_threadsafe(self._encoder_failed, sub, message)
@@ -214,12 +228,16 @@ class StreamSender:
         scanout = frame if hasattr(frame, "drm_fourcc") else None
         if scanout is None and self.display.scanout is not None:
             return  # the scanout is being replaced
+        self._offering = True
         try:
             if self._offer(stream, frame, generation, published):
                 scanout = None  # handed to the encoder, which releases it
         finally:
+            self._offering = False
             if scanout is not None:
                 scanout.release()
+        while self._encoded_inline:
+            self._send_frame(*self._encoded_inline.pop(0))
 
     def _offer(self, stream: ActiveStream, frame, generation: int, published: float) -> bool:
         """Encode `frame` if it is new and there is room; True if the encoder took it."""

@@ -137,6 +137,8 @@ class CaptureDriver:
         if not self.running:
             return
         self._budget = EVENTS_PER_SERVICE
+        server = self.source.server
+        server.hold_wakes()  # a frame published here is sent when this is done, not a turn later
         try:
             while self._read_events() or self._advance():
                 pass
@@ -149,6 +151,8 @@ class CaptureDriver:
         except Exception as exc:  # a bug of ours: said once, not at every event that follows
             log.exception("X11 capture failed")
             self._give_up(f"capture failed: {exc!r}")
+        finally:
+            server.release_wakes()  # the pump's own errors are the loop's to report, not ours
 
     def _give_up(self, why: str) -> None:
         self.lost = why
