@@ -218,6 +218,31 @@ def test_small_frames_are_converted_and_encoded_on_one_thread():
                 encoder.close()
 
 
+def test_small_vp8_frames_are_encoded_on_one_libvpx_thread():
+    """libvpx's second thread for a 640x360 frame costs more than it saves: vp8enc took 8.9
+    ms of CPU a frame with threads=2 against 2.9-3.1 with threads=1 on this machine's CPUs
+    (bench/glass_x11.py --sides spicestream --codecs vp8, 2 alternated pairs)."""
+    from spicestream.video import gst_encoder
+    from spicestream.video.elements import BY_NAME
+
+    spec = BY_NAME["vp8enc"]
+    for (width, height), threads in (((640, 360), 1), ((1920, 1080), 2)):
+        text = gst_encoder.pipeline_description(spec, width, height, 30)
+        assert [p for p in text.split() if p.startswith("threads=")][-1] == f"threads={threads}"
+        if not gst_encoder.element_exists("vp8enc"):
+            continue
+        import numpy as np
+
+        from spicestream.video.encoder import encode_sync
+
+        encoder = gst_encoder.GstEncoder(spec, width, height, 2_000_000, lambda f: None, print)
+        try:
+            assert encoder.enc.get_property("threads") == threads  # the last value given wins
+            assert encode_sync(encoder, np.zeros((height, width, 4), np.uint8), 1).key
+        finally:
+            encoder.close()
+
+
 def test_a_closed_gstreamer_encoder_is_freed_with_its_pipeline():
     """The appsink reader's C callback and the bus handler refer back to the encoder: close()
     must cut both, or every stream start would keep a pipeline (threads, fds) for ever."""
