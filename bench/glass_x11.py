@@ -37,7 +37,8 @@ Xspice (its spice-server runs inside it). `cpu_ratio_spicestream_over_xspice` = 
 codec. The client side (remote-viewer, its Xvfb, the capturer, the drawing client) is reported
 separately in `client_cpu_s`. `server_threads`: the same window per thread of each server
 process (CPU, CPU ms and voluntary context switches per frame drawn): spicestream's own threads
-are named ss-server (the asyncio loop), ss-mjpeg (the X11 capture runs on the asyncio loop; older
+are named ss-server (the asyncio loop), ss-mjpeg (the built-in MJPEG's thread, for frames too
+large to encode on the loop; the X11 capture runs on the asyncio loop; older
 results have it in its own thread, "(main)"); GStreamer's
 carry their element names (src:src: appsrc's thread, converting and, for small frames,
 encoding; queueN:src: the encoder behind a queue); Xspice's are Xorg's main thread (drawing),
