@@ -46,13 +46,27 @@ def hubs(server):
     return list(server._core.encoders.hubs.values())
 
 
+def streaming_clients(server, count: int, frames: int) -> list:
+    """`count` clients connected, each once it has more than `frames` stream frames (all
+    closed if one does not get there)."""
+    clients = []
+    try:
+        for _ in range(count):
+            clients.append(TestClient("127.0.0.1", server.port, display_caps=CAPS,
+                                      decode_streams=False).connect())
+        for c in clients:
+            c.wait_for(lambda c: len(c.stream_log) > frames, timeout=20, what="stream frames")
+    except BaseException:
+        for c in clients:
+            c.close()
+        raise
+    return clients
+
+
 def test_clients_on_the_same_codec_share_one_encoder(server):
     with Player(server.display):
-        clients = [TestClient("127.0.0.1", server.port, display_caps=CAPS, decode_streams=False).connect()
-                   for _ in range(4)]
+        clients = streaming_clients(server, 4, 20)
         try:
-            for c in clients:
-                c.wait_for(lambda c: len(c.stream_log) > 20, timeout=20, what="stream frames")
             assert len(hubs(server)) == 1
             hub = hubs(server)[0]
             assert len(hub.subscribers) == 4
@@ -183,11 +197,8 @@ def test_clients_sharing_an_inline_mjpeg_encoder_all_get_its_frames(monkeypatch)
                              streaming_video="all").start()
     try:
         with Player(srv.display):
-            clients = [TestClient("127.0.0.1", srv.port, display_caps=CAPS, decode_streams=False).connect()
-                       for _ in range(3)]
+            clients = streaming_clients(srv, 3, 30)
             try:
-                for c in clients:
-                    c.wait_for(lambda c: len(c.stream_log) > 30, timeout=20, what="stream frames")
                 assert len(hubs(srv)) == 1 and len(hubs(srv)[0].subscribers) == 3
                 streams = [c["streams"]["active"] for c in srv.stats()["clients"]]
                 assert all(s["shared_by"] == 3 for s in streams), streams
