@@ -4,10 +4,10 @@ its thread and back), on its thread for large ones; the choice is made from meas
 from __future__ import annotations
 
 import threading
-import time
 
 import numpy as np
 import pytest
+from xclient import wait_until
 
 from spicestream.video import mjpeg
 from spicestream.video.codec import Codec
@@ -36,11 +36,8 @@ def _encoder(width=64, height=48):
     return encoder, out, errors
 
 
-def _wait_for(out, n, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while len(out) < n and time.monotonic() < deadline:
-        time.sleep(0.002)
-    assert len(out) >= n, f"{len(out)} of {n} frames encoded"
+def _wait_for(out, n):
+    wait_until(lambda: len(out) >= n, 20, interval=0.002, what=f"{n} frames encoded")
 
 
 def test_small_frames_go_inline_once_measured_and_back_to_the_thread_when_slow():

@@ -48,10 +48,11 @@ INLINE_SAMPLES = 5  # judged on the median of this many recent encodes
 
 def encodes_inline(recent_s) -> bool:
     """Whether the next frame is encoded on the caller's thread, from the durations (s) of
-    the last encodes: only once there are INLINE_SAMPLES of them and their median is small."""
+    the last encodes (the encoder keeps INLINE_SAMPLES): only once there are that many and
+    their median is small."""
     if len(recent_s) < INLINE_SAMPLES:
         return False
-    ordered = sorted(recent_s)[-INLINE_SAMPLES:]
+    ordered = sorted(recent_s)
     return ordered[len(ordered) // 2] < INLINE_MAX_S
 
 
